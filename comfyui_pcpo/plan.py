@@ -1,0 +1,139 @@
+"""Step plan: everything a rollout and its gradient pass need per step, computed from the grid the
+user actually runs (ComfyUI sigmas for diffusion models, the t grid for flow models).
+
+Rollout variants (diffusion):
+  * ``native``    : DDIM(eta) rollout (= ComfyUI's euler_ancestral(eta)); PCPO loss weight w_bar.
+  * ``uw-sigma``  : the reference configuration: rollout std eta * sigma_tilde(w*), loss weight w_bar
+                    (w_bar from the native DDIM(eta) weights on the same grid).
+  * ``uw-lambda`` : DDIM(eta) rollout of eps_ref + lambda_t (eps_theta - eps_ref),
+                    lambda_t = w_bar / w_t, so the exact log-ratio weight of eps_theta is w_bar.
+Flow models keep their sampler (rule ``constant`` eta or ``flow-grpo`` a); PCPO weight zeta * dt_i.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import kernels, schedules, weights
+
+F64 = torch.float64
+VARIANTS = ("uw-sigma", "uw-lambda", "native")
+FLOW_NOISE_RULES = ("constant", "flow-grpo")
+
+
+@dataclass
+class StepPlan:
+    """Per-step schedule of a rollout.  N = number of steps; all tensors float64 on CPU.
+
+    sigmas:   (N+1,) descending ComfyUI sigmas (diffusion) or flow times t (flow).
+    std:      (N,) step std in those coordinates (sigma_up for diffusion, sigma_i sqrt(dt) for flow).
+    noise_level: (N,) flow SDE noise sigma_i (flow only; zeros for diffusion).
+    w_native: (N,) exact log-ratio weight of the trained prediction (0 for deterministic steps;
+              w_t * lambda_t under uw-lambda).
+    w_loss:   (N,) PCPO weight used by the ``pcpo`` objective.
+    lam:      (N,) uw-lambda mixing coefficients (ones for the other variants).
+    """
+    family: str
+    variant: str
+    sigmas: torch.Tensor
+    std: torch.Tensor
+    noise_level: torch.Tensor
+    w_native: torch.Tensor
+    w_loss: torch.Tensor
+    lam: torch.Tensor
+    eta: float
+    noise_rule: str = "constant"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.std.numel())
+
+    def trainable_steps(self) -> torch.Tensor:
+        """Indices of steps that carry a log-ratio (std > 0), ascending."""
+        return torch.nonzero(self.std > 0).flatten()
+
+    def to_dict(self) -> dict:
+        return {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StepPlan":
+        d = dict(d)
+        for k in ("sigmas", "std", "noise_level", "w_native", "w_loss", "lam"):
+            d[k] = torch.tensor(d[k], dtype=F64)
+        return cls(**d)
+
+
+def diffusion_plan(sigmas, eta: float = 1.0, variant: str = "uw-sigma", w_star: float = 4.5) -> StepPlan:
+    """Plan for an eps/v/x0 model on ComfyUI sigmas (N+1,) (last usually 0)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown rollout variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if eta <= 0:
+        raise ValueError("eta must be > 0: a deterministic sampler has no policy to optimise")
+    sig = torch.as_tensor(sigmas, dtype=F64).flatten().cpu()
+    if sig.numel() < 2 or not bool((sig[:-1] > sig[1:]).all()):
+        raise ValueError("sigmas must be a strictly decreasing schedule with at least one step")
+    s, sn = sig[:-1], sig[1:]
+    up_native = kernels.ancestral_sigma_up(s, sn, eta)
+    w_nat_ddim = weights.sigma_native_weights(sig, up_native)
+    wbar = weights.w_bar(w_nat_ddim)
+    info = {"w_bar": wbar}
+    if variant == "uw-sigma":
+        a, ap = schedules.abar_from_sigma(s), schedules.abar_from_sigma(sn)
+        st_vp = weights.sigma_tilde(a, ap, w_star, eta)
+        up = torch.where(sn > 0, st_vp / ap.sqrt(), torch.zeros_like(sn))
+        up = torch.minimum(up, sn)
+        info.update(w_star=w_star, loss_scale=w_star / wbar)
+    else:
+        up = up_native
+    w_nat = weights.sigma_native_weights(sig, up)
+    w_loss = torch.where(up > 0, torch.full_like(up, wbar), torch.zeros_like(up))
+    lam = torch.ones_like(up)
+    if variant == "uw-lambda":
+        # the trained prediction eps_theta enters the kernel scaled by lambda_t, so its exact
+        # log-ratio weight is w_t * lambda_t = w_bar
+        lam = weights.uw_lambda(w_nat, wbar)
+        w_nat = w_nat * lam
+    return StepPlan("diffusion", variant, sig, up, torch.zeros_like(up), w_nat, w_loss, lam, float(eta), info=info)
+
+
+def flow_plan(ts, noise_rule: str = "constant", level: float = 0.3, variant: str = "native") -> StepPlan:
+    """Plan for a rectified-flow model on a descending t grid (N+1,) ending at 0."""
+    if noise_rule not in FLOW_NOISE_RULES:
+        raise ValueError(f"unknown flow noise rule {noise_rule!r}; choose one of {', '.join(FLOW_NOISE_RULES)}")
+    if level <= 0:
+        raise ValueError("the flow noise level must be > 0")
+    t = torch.as_tensor(ts, dtype=F64).flatten().cpu()
+    if t.numel() < 2 or not bool((t[:-1] > t[1:]).all()) or float(t[0]) > 1.0 or float(t[-1]) < 0.0:
+        raise ValueError("flow times must decrease strictly inside [0, 1]")
+    sig = schedules.flow_noise_levels(t, noise_rule, level)
+    dt = t[:-1] - t[1:]
+    std = sig * dt.sqrt()
+    w_nat = weights.flow_native_weights(t, sig)
+    z = weights.zeta(w_nat)
+    w_loss = weights.flow_pcpo_weights(t, z)
+    lam = torch.ones_like(std)
+    if variant == "uw-lambda":
+        lam = w_loss / w_nat
+        w_nat = w_loss.clone()
+    return StepPlan("flow", variant, t, std, sig, w_nat, w_loss, lam, float(level), noise_rule, {"zeta": z})
+
+
+def step_mean(plan: StepPlan, i: int, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Mean of step i given the guidance-combined prediction (eps_hat for diffusion, v for flow)."""
+    s, sn = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
+    if plan.family == "diffusion":
+        mu, _ = kernels.ddim_sigma_step(x, pred, s, sn, float(plan.std[i]))
+    else:
+        mu, _ = kernels.flow_sde_step(x, pred, s, sn, float(plan.noise_level[i]))
+    return mu
+
+
+def prediction_from_denoised(plan: StepPlan, i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """ComfyUI models return the denoised x0; convert to the kernel's prediction (eps or v)."""
+    s = float(plan.sigmas[i])
+    if plan.family == "diffusion":
+        return kernels.eps_from_denoised(x, denoised, s)
+    return kernels.velocity_from_denoised(x, denoised, s)
