@@ -44,11 +44,17 @@ def neg_log_ratio(D: torch.Tensor, eps_old: torch.Tensor, w: torch.Tensor) -> to
     return (w * D * eps_old).flatten(1).mean(1) + 0.5 * ((w * D) ** 2).flatten(1).mean(1)
 
 
+def _as(t: torch.Tensor, dev, dtype) -> torch.Tensor:
+    t = t.to(dev, dtype)
+    # tensors recorded under torch.inference_mode() (a host's sampling) cannot join autograd
+    return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
+
+
 def _prepare(inp: ObjectiveInputs, dtype: torch.dtype):
     dev = inp.pred_new.device
-    D = inp.pred_new.to(dtype) - inp.pred_old.to(dev, dtype)
-    return (D, inp.eps_old.to(dev, dtype), inp.advantages.to(dev, dtype),
-            inp.w_native.to(dev, dtype), inp.w_loss.to(dev, dtype))
+    D = inp.pred_new.to(dtype) - _as(inp.pred_old, dev, dtype)
+    return (D, _as(inp.eps_old, dev, dtype), _as(inp.advantages, dev, dtype),
+            _as(inp.w_native, dev, dtype), _as(inp.w_loss, dev, dtype))
 
 
 def _metrics(inp, D, eps, A, w_nat, gate_off: torch.Tensor, num_steps: Optional[int]) -> dict:

@@ -68,14 +68,21 @@ class PCPOTrainer:
         self.config = config.validate()
         self.generator = torch.Generator().manual_seed(config.seed)
 
-    def update(self, traj: Trajectory, rewards: torch.Tensor, predict: Predict,
-               on_pair_batch: Optional[Callable[[int, int], None]] = None) -> dict:
+    def update(self, traj: Trajectory, rewards: torch.Tensor, predict: Optional[Predict] = None,
+               run_group: Optional[Callable[[int, Callable[[Predict], None]], None]] = None,
+               on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
         """Run ``updates_per_rollout`` optimizer steps on ``traj`` scored by ``rewards`` (B,).
+
+        Give either ``predict`` or ``run_group(group_id, work)``: the host then calls
+        ``work(predict)`` with a predictor bound to that group's conditioning (ComfyUI prepares
+        conditioning per sampling call).  Gradients of all groups accumulate before each step.
 
         Returns metrics: reward_mean/std, zero_std_groups, loss, clip_fraction (+ per step),
         approx_kl, log_approx_error, grad_norm (pre-clip, last update), pairs, and
         first_update_log_ratio (max mean |log rho| of the first update: 0 when the gradient pass
         reproduces the rollout exactly)."""
+        if (predict is None) == (run_group is None):
+            raise ValueError("give exactly one of predict or run_group")
         cfg = self.config
         B, S = traj.batch_size, traj.num_steps
         rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
@@ -85,59 +92,68 @@ class PCPOTrainer:
         objective = get_objective(cfg.objective)
         cand = candidate_steps(traj)
         keep = max(1, int(round(cfg.train_fraction * cand.numel())))
-        mbs = micro_batches(traj.group_ids.cpu(), cfg.micro_batch)
+        group_ids = traj.group_ids.cpu()
+        groups = [int(g) for g in torch.unique(group_ids)]
+        mbs = {g: torch.nonzero(group_ids == g).flatten().split(cfg.micro_batch) for g in groups}
         plan = traj.plan
-        w_native = plan.w_native.float()
-        w_loss = plan.w_loss.float()
-        sig = plan.sigmas.float()
+        w_native, w_loss, sig = plan.w_native.float(), plan.w_loss.float(), plan.sigmas.float()
         total_pairs = B * keep
-        clip_sum = torch.zeros(S)
-        pair_cnt = torch.zeros(S)
-        agg = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "log_approx_error": 0.0}
-        grad_norm = 0.0
-        first_lr = 0.0
-        done = 0
         n_updates = cfg.updates_per_rollout
+        total_calls = n_updates * keep * sum(len(v) for v in mbs.values())
+        st = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "log_approx_error": 0.0,
+              "first_lr": 0.0, "done": 0, "clip_sum": torch.zeros(S), "pair_cnt": torch.zeros(S)}
         # per-sample random subset of the candidate steps, in random order (same for every update)
         perm = torch.stack([cand[torch.randperm(cand.numel(), generator=self.generator)[:keep]] for _ in range(B)])
+        dev = traj.latents.device
+
+        def work_for(g: int, u: int):
+            def work(pred_fn: Predict) -> None:
+                for mb in mbs[g]:
+                    for j in range(keep):
+                        steps = perm[mb, j]
+                        rows, cols = mb.to(dev), steps.to(dev)
+                        pred_new = pred_fn(traj.latents[rows, cols], sig[steps], mb)
+                        inp = ObjectiveInputs(adv.values[mb].to(pred_new.device), pred_new,
+                                              traj.pred_old[rows, cols], traj.eps_old[rows, cols],
+                                              w_native[steps], w_loss[steps], steps)
+                        loss, m = objective(inp, xi=cfg.clip_range, num_steps=S)
+                        (loss * (mb.numel() / total_pairs)).backward()
+                        frac = mb.numel() / total_pairs / n_updates
+                        st["loss"] += float(loss.detach()) * frac
+                        for k in ("clip_fraction", "approx_kl", "log_approx_error"):
+                            st[k] += m[k] * frac
+                        if u == 0:  # on-policy check: the first update replays the rollout exactly
+                            st["first_lr"] = max(st["first_lr"], m["log_ratio_abs"])
+                        st["clip_sum"] += torch.nan_to_num(m["clip_fraction_per_step"] * m["pairs_per_step"])
+                        st["pair_cnt"] += m["pairs_per_step"]
+                        st["done"] += 1
+                        if on_progress is not None:
+                            on_progress(st["done"], total_calls)
+            return work
+
+        grad_norm = 0.0
         for u in range(n_updates):
             self.optimizer.zero_grad(set_to_none=True)
-            for j in range(keep):
-                for mb in mbs:
-                    steps = perm[mb, j]
-                    dev = traj.latents.device
-                    x_t = traj.latents[mb.to(dev), steps.to(dev)]
-                    pred_old = traj.pred_old[mb.to(dev), steps.to(dev)]
-                    eps_old = traj.eps_old[mb.to(dev), steps.to(dev)]
-                    pred_new = predict(x_t, sig[steps], mb)
-                    inp = ObjectiveInputs(adv.values[mb].to(pred_new.device), pred_new, pred_old, eps_old,
-                                          w_native[steps], w_loss[steps], steps)
-                    loss, m = objective(inp, xi=cfg.clip_range, num_steps=S)
-                    (loss * (mb.numel() / total_pairs)).backward()
-                    frac = mb.numel() / total_pairs / n_updates
-                    agg["loss"] += float(loss.detach()) * frac
-                    for k in ("clip_fraction", "approx_kl", "log_approx_error"):
-                        agg[k] += m[k] * frac
-                    if u == 0:  # on-policy check: the first update replays the rollout exactly
-                        first_lr = max(first_lr, m["log_ratio_abs"])
-                    clip_sum += torch.nan_to_num(m["clip_fraction_per_step"] * m["pairs_per_step"])
-                    pair_cnt += m["pairs_per_step"]
-                    done += 1
-                    if on_pair_batch is not None:
-                        on_pair_batch(done, n_updates * keep * len(mbs))
-            grads = [p.grad for p in self.params if p.grad is not None]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)) if grads else 0.0
+            for g in groups:
+                if run_group is not None:
+                    run_group(g, work_for(g, u))
+                else:
+                    work_for(g, u)(predict)
+            has_grad = any(p.grad is not None for p in self.params)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)) if has_grad else 0.0
             if not math.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise FloatingPointError("non-finite gradient norm; lower the learning rate or check the model dtype")
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        per_step = torch.where(pair_cnt > 0, clip_sum / pair_cnt.clamp_min(1), torch.full_like(pair_cnt, float("nan")))
+        cnt = st["pair_cnt"]
+        per_step = torch.where(cnt > 0, st["clip_sum"] / cnt.clamp_min(1), torch.full_like(cnt, float("nan")))
         return {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
             "zero_std_groups": adv.zero_std_groups, "groups": adv.num_groups,
-            **agg, "clip_fraction_per_step": per_step.tolist(), "grad_norm": grad_norm,
-            "first_update_log_ratio": first_lr,
+            "loss": st["loss"], "clip_fraction": st["clip_fraction"], "approx_kl": st["approx_kl"],
+            "log_approx_error": st["log_approx_error"], "clip_fraction_per_step": per_step.tolist(),
+            "grad_norm": grad_norm, "first_update_log_ratio": st["first_lr"],
             "pairs": total_pairs, "objective": cfg.objective,
         }
 

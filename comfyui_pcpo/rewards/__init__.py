@@ -71,3 +71,4 @@ def score(name: str, images: torch.Tensor, prompts: Optional[Sequence[str]] = No
 
 # Built-in rewards register themselves on import.
 from . import simple as _simple  # noqa: E402,F401
+from . import colour as _colour  # noqa: E402,F401

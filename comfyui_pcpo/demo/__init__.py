@@ -1,0 +1,1 @@
+"""Embedded demo: procedural captioned shapes, tiny text encoder, shipped weights."""

@@ -1,0 +1,59 @@
+"""PCPO Reward Scorer: IMAGE (+ prompts) -> one reward per sample, from the reward registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from comfyui_pcpo import rewards as R
+
+
+@dataclass
+class Rewards:
+    values: torch.Tensor  # (B,) float64
+    name: str
+    trajectory_uid: str
+
+
+class PCPORewardScorer:
+    CATEGORY = "PCPO"
+    FUNCTION = "score"
+    RETURN_TYPES = ("PCPO_REWARDS", "FLOAT")
+    RETURN_NAMES = ("rewards", "reward_mean")
+    OUTPUT_TOOLTIPS = ("Per-sample rewards for the PCPO LoRA Update.", "Mean reward of this batch.")
+    DESCRIPTION = "Scores the decoded samples of a rollout with a reward from the registry (higher is better)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = R.reward_names()
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The rollout's final samples, decoded with VAE Decode (same order)."}),
+            "trajectory": ("PCPO_TRAJECTORY", {"tooltip": "The rollout these images come from (gives the prompts)."}),
+            "reward": (names, {"default": names[0], "tooltip": "; ".join(f"{n}: {R.get_reward(n).description}" for n in names)}),
+        }, "optional": {
+            "prompt": ("STRING", {"default": "", "tooltip": "Single-prompt runs with plain CONDITIONING: the prompt "
+                                  "text, for rewards that read the prompt."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def score(self, images, trajectory, reward, prompt=""):
+        B = trajectory.traj.batch_size
+        if images.shape[0] != B:
+            raise ValueError(f"got {images.shape[0]} images for a trajectory of {B} samples: decode the Trajectory "
+                             "Sampler's latent output directly, without batching or selecting images")
+        prompts = [p if p else prompt for p in trajectory.prompts]
+        spec = R.get_reward(reward)
+        if spec.needs_prompt and not all(prompts):
+            raise ValueError(f"reward {reward!r} reads the prompt: use PCPO Prompts, or type the prompt into the "
+                             "Reward Scorer's prompt input")
+        values = R.score(reward, images.detach().cpu(), prompts)
+        if not torch.isfinite(values).all():
+            raise ValueError(f"reward {reward!r} returned NaN or inf")
+        return (Rewards(values, reward, trajectory.uid), float(values.mean()))
+
+
+NODE_CLASS_MAPPINGS = {"PCPORewardScorer": PCPORewardScorer}
+NODE_DISPLAY_NAME_MAPPINGS = {"PCPORewardScorer": "PCPO Reward Scorer"}

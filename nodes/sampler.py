@@ -1,0 +1,222 @@
+"""PCPO Trajectory Sampler (records a rollout) and PCPO Sampler (the same stochastic sampler as a
+SAMPLER for SamplerCustom)."""
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from comfyui_pcpo.plan import FLOW_NOISE_RULES, VARIANTS, StepPlan, diffusion_plan, flow_plan
+from comfyui_pcpo.rollout import make_trajectory, rollout, transition
+from comfyui_pcpo.trajectory import Trajectory
+
+from .glue import ModelFamily, interrupted, lora_multiplier, run_in_guider
+
+
+@dataclass
+class RolloutBatch:
+    """What flows on a PCPO_TRAJECTORY socket: the core record plus what the gradient pass needs
+    to rebuild the model call (per-group conditioning, cfg, latent shape)."""
+    traj: Trajectory
+    group_conds: list           # per group: (positive, negative) CONDITIONING
+    cfg: float
+    latent_shape: tuple         # (C, H, W) of one sample
+    run_name: str
+    iteration: int
+    uid: str
+    family: ModelFamily
+
+    @property
+    def prompts(self) -> list:
+        return self.traj.sample_prompts()
+
+
+def make_plan(family: ModelFamily, sigmas, eta: float, variant: str, flow_rule: str) -> StepPlan:
+    if family.kind == "diffusion":
+        return diffusion_plan(sigmas, eta=eta, variant=variant)
+    return flow_plan(sigmas, noise_rule=flow_rule, level=eta, variant="uw-lambda" if variant == "uw-lambda" else "native")
+
+
+def group_generator(seed: int, iteration: int, group: int) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(iteration) * 7919 + int(group)) % (2 ** 63))
+
+
+def latent_shape_for(model, latent, width: int, height: int) -> tuple:
+    if latent is not None:
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        if samples.ndim != 4:
+            raise ValueError(f"LATENT must be a batch of images (B, C, H, W); got shape {tuple(samples.shape)}")
+        return tuple(samples.shape[1:])
+    fmt = model.model.latent_format
+    ds = int(getattr(fmt, "spacial_downscale_ratio", 8))
+    if width % ds or height % ds:
+        raise ValueError(f"width and height must be multiples of {ds} for this model (got {width}x{height})")
+    return (int(fmt.latent_channels), height // ds, width // ds)
+
+
+class PCPOTrajectorySampler:
+    CATEGORY = "PCPO"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT", "PCPO_TRAJECTORY")
+    RETURN_NAMES = ("latent", "trajectory")
+    OUTPUT_TOOLTIPS = ("Final samples of every group (decode with VAE Decode, then score).",
+                       "The recorded rollout for the PCPO LoRA Update.")
+    DESCRIPTION = ("Samples groups of images with the training policy (stochastic DDIM for eps/v models, the "
+                   "reverse SDE for flow models) and records every transition. All samples of a group share one "
+                   "prompt and one initial noise.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "session": ("PCPO_SESSION", {"tooltip": "From PCPO LoRA: samples with the live LoRA."}),
+            "steps": ("INT", {"default": 20, "min": 2, "max": 200, "tooltip": "Sampling steps (reference: 50 for SD1.5, 16 for FLUX)."}),
+            "cfg": ("FLOAT", {"default": 4.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip":
+                              "Classifier-free guidance scale (reference: 5). The policy is the guided prediction."}),
+            "group_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":
+                                   "Samples per prompt sharing one initial noise (reference: 12-16); at least 2."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
+                             "Base seed; each iteration and group derive their own noise from it."}),
+            "eta": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
+                              "Noise level: DDIM eta for eps/v models (1 = DDPM, reference), the SDE noise for "
+                              "flow models (DanceGRPO eta 0.3; Flow-GRPO a = 0.7)."}),
+            "rollout_variant": (list(VARIANTS), {"default": "uw-sigma", "tooltip":
+                                "PCPO rollout: uw-sigma (reference: reshaped rollout noise, constant loss weight), "
+                                "uw-lambda (exact constant weight; two model calls per step), native (plain DDIM)."}),
+            "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip":
+                                "Flow models only: constant eta (DanceGRPO) or a*sqrt(t/(1-t)) (Flow-GRPO)."}),
+            "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"default": "simple", "tooltip":
+                          "Sigma schedule (ignored when SIGMAS are wired). ddim_uniform matches SD1.5 DDIM."}),
+            "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image width (ignored with a LATENT)."}),
+            "height": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image height (ignored with a LATENT)."}),
+            "groups": ("INT", {"default": 2, "min": 1, "max": 256, "tooltip":
+                               "Groups per iteration when plain CONDITIONING is wired (with PCPO Prompts, its "
+                               "prompts_per_iteration sets the number of groups)."}),
+        }, "optional": {
+            "prompts": ("PCPO_PROMPTS", {"tooltip": "Training prompts (PCPO Prompts). Or wire positive/negative."}),
+            "positive": ("CONDITIONING", {"tooltip": "Single-prompt run: the positive conditioning."}),
+            "negative": ("CONDITIONING", {"tooltip": "Single-prompt run: the negative conditioning."}),
+            "latent": ("LATENT", {"tooltip": "Sets the sample size (its content is not used)."}),
+            "sigmas": ("SIGMAS", {"tooltip": "A custom schedule (overrides steps/scheduler)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")  # every queue is a new rollout of the live policy
+
+    def sample(self, session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule, scheduler,
+               width, height, groups, prompts=None, positive=None, negative=None, latent=None, sigmas=None):
+        if group_size < 2:
+            raise ValueError("group_size must be at least 2: PCPO compares samples of the same prompt "
+                             "(group-relative advantages); use 4 or more")
+        model = session.model
+        fam = session.family
+        ms = model.get_model_object("model_sampling")
+        if sigmas is None:
+            sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
+        sig = torch.as_tensor(sigmas).detach().double().cpu()
+        plan = make_plan(fam, sig, eta, rollout_variant, flow_noise_rule)
+        shape = latent_shape_for(model, latent, width, height)
+        iteration = session.iteration
+
+        if prompts is not None:
+            texts = prompts.draw(iteration)
+            neg = negative if negative is not None else prompts.encode(prompts.negative)
+            conds = [(prompts.encode(t), neg) for t in texts]
+        elif positive is not None:
+            if negative is None and cfg != 1.0:
+                raise ValueError("wire a negative CONDITIONING (e.g. an empty prompt) or set cfg to 1")
+            texts = [""] * int(groups)
+            conds = [(positive, negative if negative is not None else positive)] * int(groups)
+        else:
+            raise ValueError("wire either PCPO Prompts or positive/negative CONDITIONING into the Trajectory Sampler")
+
+        G = int(group_size)
+        sigma0 = float(sig[0])
+        max_denoise = math.isclose(float(ms.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(ms.sigma_max)
+        pbar = comfy.utils.ProgressBar(len(conds) * plan.num_steps)
+        records, finals = [], []
+        for g, (pos, neg) in enumerate(conds):
+            gen = group_generator(seed, iteration, g)
+            noise = torch.randn((1, *shape), generator=gen).repeat(G, *([1] * len(shape)))
+            x_init = ms.noise_scaling(torch.tensor(sigma0), noise, torch.zeros_like(noise), max_denoise)
+
+            def fn(predict, x_init=x_init, gen=gen):
+                x0 = x_init.to(model.load_device)
+
+                def pred(x, s):
+                    den = predict(x, s)
+                    return (x - den) / s.reshape(-1, *([1] * (x.ndim - 1)))
+
+                def ref(x, s):
+                    with lora_multiplier(session.adapters, 0.0):
+                        return pred(x, s)
+
+                def step_cb(i, x):
+                    pbar.update(1)
+                    interrupted()
+
+                return rollout(pred, plan, x0, gen, predict_ref=ref, callback=step_cb)
+
+            xf, rec = run_in_guider(model, pos, neg, cfg, (G, *shape), sig.float(), fn, seed=seed)
+            records.append(rec)
+            xf = ms.inverse_noise_scaling(torch.tensor(float(sig[-1])), xf)
+            finals.append(model.model.process_latent_out(xf.float()).cpu())
+        gid = torch.arange(len(conds)).repeat_interleave(G)
+        traj = make_trajectory(records, plan, gid, gid, texts,
+                               {"arch": fam.arch, "cfg": cfg, "seed": seed, "iteration": iteration,
+                                "variant": rollout_variant, "eta": eta, "flow_noise_rule": flow_noise_rule})
+        batch = RolloutBatch(traj, conds, float(cfg), shape, session.run_name, iteration, uuid.uuid4().hex, fam)
+        return ({"samples": torch.cat(finals, 0)}, batch)
+
+
+def pcpo_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                variant="native", flow_noise_rule="constant"):
+    """k-diffusion style sampler function: the PCPO rollout kernel without recording."""
+    extra_args = {} if extra_args is None else extra_args
+    ms = model.inner_model.inner_model.model_sampling
+    import comfy.model_sampling as MS
+    fam = ModelFamily("flow" if isinstance(ms, MS.CONST) else "diffusion", "", "")
+    sig = sigmas.detach().double().cpu()
+    plan = make_plan(fam, sig, eta, variant, flow_noise_rule)
+    gen = torch.Generator().manual_seed(int(extra_args.get("seed", 0) or 0))
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(plan.num_steps):
+        den = model(x, sigmas[i] * s_in, **extra_args)
+        pred = (x - den) / sigmas[i]
+        noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": den})
+        x = transition(plan, i, x, pred, noise)
+    return x
+
+
+class PCPOSampler:
+    CATEGORY = "PCPO"
+    FUNCTION = "get_sampler"
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("The PCPO rollout sampler, for SamplerCustom / SamplerCustomAdvanced.",)
+    DESCRIPTION = "The stochastic sampler PCPO trains with (DDIM(eta) / uw-sigma / flow SDE), as a SAMPLER."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "eta": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
+                              "DDIM eta (eps/v models) or the SDE noise level (flow models)."}),
+            "rollout_variant": (["uw-sigma", "native"], {"default": "native", "tooltip":
+                                "native: DDIM(eta) (= euler_ancestral); uw-sigma: PCPO's reshaped rollout noise."}),
+            "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip": "Flow models only."}),
+        }}
+
+    def get_sampler(self, eta, rollout_variant, flow_noise_rule):
+        return (comfy.samplers.KSAMPLER(pcpo_sample, {"eta": eta, "variant": rollout_variant,
+                                                      "flow_noise_rule": flow_noise_rule}),)
+
+
+NODE_CLASS_MAPPINGS = {"PCPOTrajectorySampler": PCPOTrajectorySampler, "PCPOSampler": PCPOSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"PCPOTrajectorySampler": "PCPO Trajectory Sampler", "PCPOSampler": "PCPO Sampler"}

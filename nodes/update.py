@@ -1,0 +1,142 @@
+"""PCPO LoRA Update: one PCPO (or baseline) update of the live LoRA from a scored rollout."""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from comfyui_pcpo.objectives import OBJECTIVES
+from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer
+
+from .glue import clone_conditioning, interrupted, out_of_place_residuals, run_in_guider
+from .loop import loop_target, requeue
+
+log = logging.getLogger("comfyui-pcpo")
+
+
+def format_stats(it: int, s: dict) -> str:
+    return (f"iter {it}: reward {s['reward_mean']:.4f} ± {s['reward_std']:.4f} | clip {s['clip_fraction']:.3f} | "
+            f"kl {s['approx_kl']:.2e} | grad {s['grad_norm']:.3g} | zero-std groups {s['zero_std_groups']}/{s['groups']}")
+
+
+class PCPOLoRAUpdate:
+    CATEGORY = "PCPO"
+    FUNCTION = "update"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "stats")
+    OUTPUT_TOOLTIPS = ("The same live model, after the update.",
+                       "This iteration's training stats as JSON (reward mean/std, clip fraction, KL, grad norm).")
+    DESCRIPTION = ("Updates the LoRA from a scored rollout with PCPO (or a baseline objective), checkpoints the run, "
+                   "and re-queues the workflow until iterations_per_queue iterations have run.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "session": ("PCPO_SESSION", {"tooltip": "The run (from PCPO LoRA)."}),
+            "trajectory": ("PCPO_TRAJECTORY", {"tooltip": "The rollout from the Trajectory Sampler."}),
+            "rewards": ("PCPO_REWARDS", {"tooltip": "Its rewards from the Reward Scorer."}),
+            "objective": (list(OBJECTIVES), {"default": "pcpo", "tooltip":
+                          "pcpo: log-hinge with proportionate credit; grpo-clip: DanceGRPO/Flow-GRPO clipped ratio; "
+                          "ddpo: DDPO score-function (REINFORCE)."}),
+            "clip_range": ("FLOAT", {"default": 1e-4, "min": 1e-6, "max": 1.0, "step": 1e-5, "round": False,
+                                     "tooltip": "xi: trust-region width of the hinge / ratio clip (reference 1e-4)."}),
+            "advantage_clip": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.5,
+                                         "tooltip": "Clip normalised advantages to [-c, c] (0 = off)."}),
+            "train_fraction": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 1.0, "step": 0.05, "tooltip":
+                               "Share of each sample's timesteps trained (the last step is never trained); FLUX reference 0.6."}),
+            "micro_batch": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":
+                                    "Samples per forward/backward (within a group). Lower it if memory runs out."}),
+            "grad_clip": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
+                                    "Clip the gradient norm (reference 1.0)."}),
+            "updates_per_rollout": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip":
+                                            "Optimizer steps per rollout batch (reference 2; the first is on-policy)."}),
+            "iterations_per_queue": ("INT", {"default": 1, "min": 1, "max": 100000, "tooltip":
+                                             "Iterations (sample, score, update) one press of Queue runs: the node "
+                                             "re-queues the workflow until they are done. Cancel stops it."}),
+            "checkpoint_every": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip":
+                                         "Write the run checkpoint every this many iterations (and at the end)."}),
+        }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def update(self, session, trajectory, rewards, objective, clip_range, advantage_clip, train_fraction,
+               micro_batch, grad_clip, updates_per_rollout, iterations_per_queue, checkpoint_every,
+               prompt=None, extra_pnginfo=None, unique_id=None):
+        batch = trajectory
+        if batch.run_name != session.run_name:
+            raise ValueError(f"the trajectory belongs to run {batch.run_name!r}, not {session.run_name!r}")
+        if batch.iteration != session.iteration:
+            raise ValueError(f"the trajectory is from iteration {batch.iteration} but run {session.run_name!r} is at "
+                             f"{session.iteration}: sample a fresh rollout (the Trajectory Sampler must run before "
+                             "every update)")
+        if rewards.trajectory_uid != batch.uid:
+            raise ValueError("the rewards were computed for another rollout: wire the Reward Scorer to this "
+                             "Trajectory Sampler's output")
+        target = loop_target(extra_pnginfo, session.run_name)
+        if target is None:
+            target = session.iteration + int(iterations_per_queue)
+
+        cfg = PCPOConfig(objective=objective, clip_range=clip_range, adv_clip=advantage_clip,
+                         train_fraction=train_fraction, micro_batch=micro_batch, grad_clip=grad_clip,
+                         updates_per_rollout=updates_per_rollout, seed=0)
+        trainer = PCPOTrainer(session.params(), session.optimizer, cfg)
+        trainer.generator = session.generator
+        model = session.model
+        device = model.load_device
+        traj = batch.traj
+        sigmas = traj.plan.sigmas.float()
+        G = max(int((traj.group_ids == g).sum()) for g in torch.unique(traj.group_ids))
+        pbar = comfy.utils.ProgressBar(100)
+
+        def progress(done, total):
+            pbar.update_absolute(int(100 * done / max(total, 1)), 100)
+            interrupted()
+
+        def run_group(g, work):
+            pos, neg = batch.group_conds[g]
+
+            def fn(predict):
+                def pred(x, s, idx):
+                    x = x.to(device).clone()
+                    s = s.to(device)
+                    den = predict(x, s)
+                    return (x - den) / s.reshape(-1, *([1] * (x.ndim - 1)))
+                return work(pred)
+
+            run_in_guider(model, clone_conditioning(pos), clone_conditioning(neg), batch.cfg,
+                          (min(G, micro_batch), *batch.latent_shape), sigmas, fn)
+
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), out_of_place_residuals():
+                stats = trainer.update(traj, rewards.values, run_group=run_group, on_progress=progress)
+        except comfy.model_management.InterruptProcessingException:
+            session.optimizer.zero_grad(set_to_none=True)
+            session.save_checkpoint()
+            raise
+        session.iteration += 1
+        session.optimizer_steps += int(updates_per_rollout)
+        session.last_reward, session.last_objective = rewards.name, objective
+        summary = {k: stats[k] for k in ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm",
+                                         "log_approx_error", "zero_std_groups", "first_update_log_ratio")}
+        summary.update(iteration=session.iteration, objective=objective, reward=rewards.name)
+        session.history.append(summary)
+        if session.iteration % int(checkpoint_every) == 0 or session.iteration >= target:
+            session.save_checkpoint()
+        text = format_stats(session.iteration, stats)
+        log.info("PCPO %s: %s", session.run_name, text)
+        if session.iteration < target:
+            if not requeue(prompt, extra_pnginfo, session.run_name, target):
+                log.info("PCPO: no server queue to loop on; run the next iteration by queueing again")
+        stats_json = json.dumps({**stats, "iteration": session.iteration, "target_iteration": target})
+        return {"ui": {"text": [text]}, "result": (model, stats_json)}
+
+
+NODE_CLASS_MAPPINGS = {"PCPOLoRAUpdate": PCPOLoRAUpdate}
+NODE_DISPLAY_NAME_MAPPINGS = {"PCPOLoRAUpdate": "PCPO LoRA Update"}
