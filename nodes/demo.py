@@ -1,0 +1,113 @@
+"""PCPO Demo loaders: the embedded tiny text-to-image model as a normal MODEL, CLIP and VAE.
+
+The model is an SD1.5-shaped ComfyUI UNet at tiny width working in 32x32 RGB pixel space
+(v-prediction, DDPM linear schedule); the VAE is ComfyUI's identity pixel-space VAE; the CLIP is a
+small word-level text encoder that CLIPTextEncode and PCPO Prompts use like any other CLIP.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.supported_models_base
+
+from comfyui_pcpo.demo import model as demo
+from comfyui_pcpo.demo.shapes import all_specs
+
+_CACHE: dict = {}
+
+
+class DemoPixelLatent(comfy.latent_formats.LatentFormat):
+    """3-channel identity 'latent' (the image in [-1, 1]) at full resolution."""
+    latent_channels = 3
+    spacial_downscale_ratio = 1
+    latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    latent_rgb_factors_bias = [0.0, 0.0, 0.0]
+
+    def process_in(self, latent):
+        return latent
+
+    def process_out(self, latent):
+        return latent
+
+
+class DemoPixelUNet(comfy.supported_models_base.BASE):
+    unet_config = dict(demo.UNET_CONFIG)
+    unet_extra_config: dict = {}
+    sampling_settings = dict(demo.SAMPLING_SETTINGS)
+    latent_format = DemoPixelLatent
+    memory_usage_factor = 1.0
+    supported_inference_dtypes = [torch.float32]
+
+    def model_type(self, state_dict, prefix=""):
+        return comfy.model_base.ModelType.V_PREDICTION
+
+
+class DemoCLIP:
+    """Duck-typed CLIP: tokenize / encode_from_tokens(_scheduled) over the demo text encoder."""
+
+    def __init__(self):
+        self.encoder, self.tokenizer = demo.load_text_encoder()
+        self.encoder.eval().requires_grad_(False)
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return {"demo": self.tokenizer([text])}
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        with torch.no_grad():
+            cond = self.encoder(tokens["demo"]).float()
+        if return_dict:
+            return {"cond": cond, "pooled_output": None}
+        return (cond, None) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
+        return [[self.encode_from_tokens(tokens), dict(add_dict or {})]]
+
+    def clone(self):
+        return self
+
+
+def load_demo():
+    """(MODEL, CLIP, VAE) of the embedded model, built once per process."""
+    if "objs" not in _CACHE:
+        if not demo.weights_available():
+            raise FileNotFoundError(f"the demo weights are missing from {demo.WEIGHTS_DIR}; reinstall the pack")
+        mc = DemoPixelUNet(dict(DemoPixelUNet.unet_config))
+        mc.set_inference_dtype(torch.float32, None)
+        with torch.inference_mode(False):
+            m = mc.get_model({}, device=comfy.model_management.unet_offload_device())
+            m.diffusion_model.load_state_dict(demo.load_unet_state_dict(), strict=True)
+        patcher = comfy.model_patcher.ModelPatcher(m, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+        _CACHE["objs"] = (patcher, DemoCLIP(), vae)
+    return _CACHE["objs"]
+
+
+DEMO_PROMPTS = "\n".join(s.text for s in all_specs())  # the 90 captions the model knows
+
+
+class PCPODemoModelLoader:
+    CATEGORY = "PCPO/demo"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("Tiny 32x32 pixel-space text-to-image model (v-prediction).",
+                       "Its word-level text encoder (works with CLIPTextEncode and PCPO Prompts).",
+                       "Identity pixel-space VAE (VAE Decode turns samples into images).")
+    DESCRIPTION = ("The embedded demo model: draws coloured shapes on coloured backgrounds from prompts like 'a red "
+                   "circle on a blue background'. Runs on a CPU; use 32x32 images.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return load_demo()
+
+
+NODE_CLASS_MAPPINGS = {"PCPODemoModelLoader": PCPODemoModelLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"PCPODemoModelLoader": "PCPO Demo Model Loader"}
