@@ -88,7 +88,13 @@ class PCPOExportLoRA:
                                "output folder (<name>_diffusers/pytorch_lora_weights.safetensors, for "
                                "pipe.load_lora_weights); skipped with a warning for other models. The main "
                                "kohya file already loads in diffusers too."}),
-            }
+            },
+            "optional": {
+                "stats": ("STRING", {
+                    "forceInput": True,
+                    "tooltip": "Wire the PCPO LoRA Update's stats here so the export runs after this "
+                               "iteration's update (otherwise it may save the LoRA from before it)."}),
+            },
         }
 
     RETURN_TYPES = ("STRING",)
@@ -104,7 +110,7 @@ class PCPOExportLoRA:
     def IS_CHANGED(cls, **kwargs):
         return float("nan")  # the session is mutable state: always write its current adapters
 
-    def export(self, session, filename, dtype="fp16", also_diffusers=False):
+    def export(self, session, filename, dtype="fp16", also_diffusers=False, stats=None):
         if dtype not in DTYPES:
             raise ValueError(f"PCPO Export LoRA: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         adapters = getattr(session, "adapters", None)

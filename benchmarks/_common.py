@@ -1,0 +1,52 @@
+"""Shared set-up for the benchmarks: a real ComfyUI with this pack loaded, the demo model, and a
+function running one PCPO iteration through the node classes (the shipped workflow's code path)."""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import tempfile
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+import run_demo  # noqa: E402
+
+
+class Host:
+    def __init__(self, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.out = pathlib.Path(tempfile.mkdtemp(prefix="pcpo-bench-"))
+        self.execution, self.dirs, self.pack = run_demo.load_host(self.out)
+        import nodes
+        self.N = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("PCPO")}
+        self.model, self.clip, self.vae = self.pack["demo"].load_demo()
+        from comfyui_pcpo.demo.shapes import all_specs
+        self.captions = "\n".join(s.text for s in all_specs())
+
+    def session(self, name: str, lr: float, seed: int = 0, rank: int = 8):
+        self.pack["session"].SESSIONS.pop(name, None)
+        return self.N["PCPOLoRA"]().create(self.model, name, rank, float(rank), "attention+mlp", lr, "AdamW", 0.0,
+                                           seed, False)[1]
+
+    def prompts(self, per_iteration: int, seed: int = 0):
+        return self.N["PCPOPrompts"]().build(self.clip, self.captions, "(none)", "", per_iteration, seed)[0]
+
+    def rollout(self, sess, prompts, group_size: int, steps: int = 10, seed: int = 0):
+        with torch.inference_mode():
+            return self.N["PCPOTrajectorySampler"]().sample(sess, steps, 4.0, group_size, seed, 1.0, "uw-sigma",
+                                                            "constant", "simple", 32, 32, 1, prompts=prompts)
+
+    def score(self, lat, batch, reward="prompt-colour-agreement"):
+        with torch.inference_mode():
+            img = self.vae.decode(lat["samples"])
+            return self.N["PCPORewardScorer"]().score(img, batch, reward)[0]
+
+    def update(self, sess, batch, rewards, objective="pcpo", train_fraction=0.5, micro_batch=8, updates=2):
+        with torch.inference_mode():
+            out = self.N["PCPOLoRAUpdate"]().update(sess, batch, rewards, objective, 1e-4, 5.0, train_fraction,
+                                                    micro_batch, 1.0, updates, 1, 10 ** 6)
+        return json.loads(out["result"][1])
