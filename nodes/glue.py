@@ -118,6 +118,9 @@ def run_in_guider(model, positive, negative, cfg: float, latent_shape, sigmas, f
     guider.set_cfg(cfg)
 
     def inner(model_wrap, extra_args):
+        if not torch.is_inference_mode_enabled():  # a gradient pass
+            make_weights_trainable(model.model)
+
         def predict(x, sigma):
             return model_wrap(x, sigma.to(x.device, x.dtype), **extra_args)
         return fn(predict)
@@ -126,6 +129,24 @@ def run_in_guider(model, positive, negative, cfg: float, latent_shape, sigmas, f
     zeros = torch.zeros(latent_shape)
     guider.sample(zeros, zeros, s, torch.as_tensor(sigmas, dtype=torch.float32), disable_pbar=True, seed=seed)
     return s.result
+
+
+def make_weights_trainable(module) -> int:
+    """Replace parameters and buffers created under torch.inference_mode() (ComfyUI loads models
+    inside its executor's inference mode) by normal tensors, one at a time, so a gradient pass can
+    save them for backward.  Values are unchanged; returns how many were replaced."""
+    n = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for m in module.modules():
+            for name, p in list(m.named_parameters(recurse=False)):
+                if p.is_inference():
+                    setattr(m, name, torch.nn.Parameter(p.clone(), requires_grad=False))
+                    n += 1
+            for name, b in list(m.named_buffers(recurse=False)):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    n += 1
+    return n
 
 
 def _oop_iadd(self, other):

@@ -46,7 +46,14 @@ def requeue(prompt: dict, extra_pnginfo, run_name: str, target: int) -> bool:
     prompt_id = str(uuid.uuid4())
     valid = execution.validate_prompt(prompt_id, prompt, None) if _takes_id() else execution.validate_prompt(prompt)
     if asyncio.iscoroutine(valid):
-        valid = asyncio.run(valid)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            valid = asyncio.run(valid)
+        else:  # nodes run inside the executor's event loop (0.3.7x): validate on a helper thread
+            import concurrent.futures
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                valid = pool.submit(asyncio.run, valid).result()
     if not valid[0]:
         log.warning("PCPO: could not re-queue the prompt: %s", valid[1])
         return False

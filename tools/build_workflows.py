@@ -1,0 +1,562 @@
+#!/usr/bin/env python
+"""Generate the shipped example workflows (``workflows/``) from the Python descriptions below.
+
+    . /work/venv/bin/activate           # or any env with the test requirements
+    python tools/build_workflows.py            # (re)write workflows/*.json and workflows/api/*.json
+    python tools/build_workflows.py --check    # exit 1 if a shipped file differs from the generator
+
+The script runs a real ComfyUI 0.3.75 in-process (``tests/comfy_harness.load_comfy``; the tree is
+fetched/installed by ``tools/comfyui_host.py`` when missing) and loads this repository as a custom
+node pack through ComfyUI's own loader (``tests/pcpo_pack.load``).  Every node's widget order is
+read from its live ``INPUT_TYPES`` (required then optional, widget types only: INT, FLOAT, STRING,
+BOOLEAN, combo lists), so ``widgets_values`` always match what the frontend expects, including the
+extra ``control_after_generate`` value the frontend stores right after an INT input named ``seed``
+or ``noise_seed`` (or any input declaring ``control_after_generate``).
+
+For every workflow two files are written:
+
+* ``workflows/<name>.json``      the LiteGraph/UI format the ComfyUI frontend loads (drag & drop);
+* ``workflows/api/<name>.json``  the API format (POST it as ``{"prompt": ...}`` to ``/prompt``).
+
+The API file is built straight from the description; ``ui_to_api`` (used by the tests) converts the
+UI file the way the frontend's "Export (API)" does, and the two must agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+API_DIR = WORKFLOWS_DIR / "api"
+
+# node types that exist only in the frontend (no backend class; never part of an API prompt)
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_NAMES = ("seed", "noise_seed")
+
+MODEL_URLS = {
+    "v1-5-pruned-emaonly.safetensors": (
+        "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors",
+        "checkpoints"),
+    "sd_xl_base_1.0.safetensors": (
+        "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+        "checkpoints"),
+    "flux1-dev.safetensors": (
+        "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors", "diffusion_models"),
+    "clip_l.safetensors": (
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors", "text_encoders"),
+    "t5xxl_fp16.safetensors": (
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors", "text_encoders"),
+    "ae.safetensors": (
+        "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
+        "vae"),
+}
+
+
+# =========================================================================== node definitions
+
+@dataclass
+class InputSpec:
+    name: str
+    type: str                 # "INT", "FLOAT", ..., "COMBO" for lists, or a socket type
+    options: dict
+    optional: bool
+    choices: list | None = None
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in WIDGET_TYPES and not self.options.get("forceInput", False)
+
+    @property
+    def control_values(self) -> int:
+        """How many extra values the frontend stores after this widget (control_after_generate)."""
+        if not self.is_widget:
+            return 0
+        if self.type == "INT":
+            return 1 if self.options.get("control_after_generate", self.name in SEED_NAMES) else 0
+        if self.options.get("control_after_generate"):
+            return 2 if self.type == "COMBO" else 1   # combos also get a "control_filter_list" value
+        return 0
+
+    def default(self):
+        if "default" in self.options:
+            return self.options["default"]
+        if self.type == "COMBO":
+            return self.choices[0] if self.choices else ""
+        return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(self.type)
+
+
+def parse_input_types(input_types: dict) -> list[InputSpec]:
+    """INPUT_TYPES -> ordered InputSpecs (required then optional; hidden inputs dropped)."""
+    out = []
+    for section, optional in (("required", False), ("optional", True)):
+        for name, spec in (input_types.get(section) or {}).items():
+            spec = tuple(spec) if isinstance(spec, (list, tuple)) else (spec,)
+            t = spec[0]
+            opts = dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            choices = None
+            if isinstance(t, (list, tuple)):
+                choices, t = list(t), "COMBO"
+            elif t == "COMBO":
+                choices = list(opts.get("options", []))
+            out.append(InputSpec(name, str(t), opts, optional, choices))
+    return out
+
+
+@dataclass
+class NodeDef:
+    """What the generator and the converter need to know about one node class."""
+    inputs: list[InputSpec]
+    outputs: list[str]
+    output_names: list[str]
+
+    @property
+    def widgets(self) -> list[InputSpec]:
+        return [i for i in self.inputs if i.is_widget]
+
+    @property
+    def sockets(self) -> list[InputSpec]:
+        return [i for i in self.inputs if not i.is_widget]
+
+    def widget_value_count(self) -> int:
+        return sum(1 + w.control_values for w in self.widgets)
+
+
+def comfy_node_defs() -> Callable[[str], NodeDef]:
+    """A lookup class_type -> NodeDef over ComfyUI's live NODE_CLASS_MAPPINGS."""
+    import nodes  # ComfyUI's nodes.py (load_comfy ran)
+
+    cache: dict = {}
+
+    def get(class_type: str) -> NodeDef:
+        if class_type not in cache:
+            cls = nodes.NODE_CLASS_MAPPINGS.get(class_type)
+            if cls is None:
+                raise KeyError(f"node type {class_type!r} is not registered in this ComfyUI")
+            outs = [str(t) if not isinstance(t, (list, tuple)) else "COMBO" for t in cls.RETURN_TYPES]
+            names = list(getattr(cls, "RETURN_NAMES", None) or outs)
+            cache[class_type] = NodeDef(parse_input_types(cls.INPUT_TYPES()), outs, names)
+        return cache[class_type]
+
+    return get
+
+
+# =========================================================================== descriptions
+
+@dataclass
+class N:
+    """One node of a workflow description.
+
+    ``links``: input name -> (source node id, source output slot).  ``widgets``: widget name ->
+    value (unspecified widgets take their INPUT_TYPES default; ``control_after_generate`` values are
+    "fixed").  Frontend-only nodes (MarkdownNote) carry ``text`` instead."""
+    id: int
+    type: str
+    pos: tuple
+    widgets: dict = field(default_factory=dict)
+    links: dict = field(default_factory=dict)
+    title: str | None = None
+    size: tuple | None = None
+    text: str | None = None
+    color: str | None = None
+    bgcolor: str | None = None
+
+
+@dataclass
+class Workflow:
+    name: str
+    title: str
+    summary: str
+    nodes: list
+    groups: list = field(default_factory=list)   # (title, [x, y, w, h], color)
+
+
+ANIMALS = "\n".join([
+    "# one prompt per line; each iteration draws prompts_per_iteration of them",
+    "a photo of a cat", "a photo of a dog", "a photo of a horse", "a photo of a rabbit",
+    "a photo of a fox", "a photo of an owl", "a photo of a deer", "a photo of a tiger",
+    "a photo of a penguin", "a photo of a frog", "a photo of a koala", "a photo of a butterfly",
+])
+NEGATIVE = "blurry, low quality, watermark, text"
+
+LOOP_NOTE = (
+    "## PCPO reinforcement learning of a LoRA\n\n"
+    "Press **Queue** once: every queued prompt is one iteration (sample a group of images per "
+    "prompt -> decode -> score -> update the LoRA -> export), and **PCPO LoRA Update** puts the "
+    "workflow back on the queue until `iterations_per_queue` iterations have run. **Cancel** "
+    "(or clearing the queue) stops the loop; queueing again continues the same run.\n\n"
+    "* The run lives in `output/pcpo/<run_name>/` (checkpoint after every `checkpoint_every` "
+    "iterations): after a restart, the same `run_name` resumes. A new `run_name` starts a new run.\n"
+    "* The trained LoRA is written to `models/loras/<filename>.safetensors` by **PCPO Export LoRA**; "
+    "load it with a normal **LoraLoader**.\n"
+    "* Keep the seeds on `fixed`: the sampler derives fresh noise from seed + iteration itself.\n"
+    "* Out of memory? Lower `micro_batch` (LoRA Update), then `group_size` or the image size.\n"
+)
+
+
+def _sd_workflow(name, title, summary, ckpt, run_name, size, steps, group_size, prompts_per_iteration,
+                 micro_batch, learning_rate, extra_note="") -> Workflow:
+    nodes = [
+        N(1, "CheckpointLoaderSimple", (40, 180), {"ckpt_name": ckpt}),
+        N(2, "PCPOLoRA", (420, 60), {
+            "run_name": run_name, "rank": 16, "alpha": 16.0, "target_layers": "attention",
+            "learning_rate": learning_rate, "optimizer": "AdamW", "weight_decay": 1e-4, "seed": 0,
+            "resume": True}, {"model": (1, 0)}),
+        N(3, "PCPOPrompts", (420, 420), {
+            "prompts": ANIMALS, "prompt_file": "(none)", "negative_prompt": NEGATIVE,
+            "prompts_per_iteration": prompts_per_iteration, "seed": 0}, {"clip": (1, 1)}, size=(400, 420)),
+        N(4, "PCPOTrajectorySampler", (880, 60), {
+            "steps": steps, "cfg": 5.0, "group_size": group_size, "seed": 0, "eta": 1.0,
+            "rollout_variant": "uw-sigma", "flow_noise_rule": "constant", "scheduler": "ddim_uniform",
+            "width": size, "height": size, "groups": prompts_per_iteration},
+            {"session": (2, 1), "prompts": (3, 0)}),
+        N(5, "VAEDecode", (1280, 60), {}, {"samples": (4, 0), "vae": (1, 2)}),
+        N(6, "PreviewImage", (1280, 420), {}, {"images": (5, 0)}, size=(420, 420)),
+        N(7, "PCPORewardScorer", (1280, 180), {"reward": "jpeg-compressibility", "prompt": ""},
+          {"images": (5, 0), "trajectory": (4, 1)}),
+        N(8, "PCPOLoRAUpdate", (1740, 60), {
+            "objective": "pcpo", "clip_range": 1e-4, "advantage_clip": 5.0, "train_fraction": 1.0,
+            "micro_batch": micro_batch, "grad_clip": 1.0, "updates_per_rollout": 2,
+            "iterations_per_queue": 100, "checkpoint_every": 1},
+            {"session": (2, 1), "trajectory": (4, 1), "rewards": (7, 0)}),
+        N(9, "PCPOExportLoRA", (1740, 480), {
+            "filename": f"pcpo/{run_name}", "dtype": "fp16", "also_diffusers": False},
+            {"session": (2, 1), "stats": (8, 1)}),  # stats: export after this iteration's update
+        N(10, "MarkdownNote", (40, 420), text=LOOP_NOTE + extra_note, size=(340, 520)),
+    ]
+    return Workflow(name, title, summary, nodes)
+
+
+def sd15() -> Workflow:
+    return _sd_workflow(
+        "pcpo_sd15_jpeg_compressibility", "SD1.5: PCPO LoRA for JPEG compressibility",
+        "Stable Diffusion 1.5 (`v1-5-pruned-emaonly.safetensors`), 512x512, 25 DDIM steps (ddim_uniform, "
+        "eta 1, cfg 5), 2 prompts x 8 samples per iteration, rank-16 attention LoRA (alpha 16, lr 3e-4, "
+        "AdamW), PCPO objective (clip range 1e-4, 2 updates per rollout), reward `jpeg-compressibility` "
+        "(weight-free, DDPO's compressibility task), 100 iterations per Queue. Sized for a single "
+        "consumer GPU (about 12 GB, an estimate; lower `micro_batch` if memory runs out).",
+        "v1-5-pruned-emaonly.safetensors", "pcpo_sd15_jpeg", 512, 25, 8, 2, 4, 3e-4)
+
+
+def sdxl() -> Workflow:
+    return _sd_workflow(
+        "pcpo_sdxl_jpeg_compressibility", "SDXL: PCPO LoRA for JPEG compressibility",
+        "SDXL base 1.0 (`sd_xl_base_1.0.safetensors`), 1024x1024, 20 DDIM steps (eta 1, cfg 5), 1 prompt x "
+        "4 samples per iteration, rank-16 attention LoRA (lr 1e-4), PCPO, reward `jpeg-compressibility`, "
+        "micro batch 1, 100 iterations per Queue. Sized for a 24 GB GPU (an estimate); with less memory "
+        "use 768x768.",
+        "sd_xl_base_1.0.safetensors", "pcpo_sdxl_jpeg", 1024, 20, 4, 1, 1, 1e-4)
+
+
+FLUX_NOTE = (
+    "## FLUX.1-dev guidance\n\n"
+    "FLUX.1-dev is guidance-distilled: the guidance strength is an input of the model, not classifier-free "
+    "guidance. So the sampler runs with **cfg 1** (no negative pass; the negative prompt is unused) and the "
+    "model gets the FLUX default guidance **3.5** (the same value the FluxGuidance node defaults to), "
+    "because PCPO Prompts' conditioning carries no guidance value. For another guidance, or a single "
+    "fixed prompt, wire CLIPTextEncode -> FluxGuidance into the sampler's `positive` input instead of "
+    "`prompts` (keep cfg 1).\n\n"
+    "Flow models use the reverse SDE: `eta` is its noise level (0.3, DanceGRPO's FLUX setting, with the "
+    "`constant` rule). `train_fraction` 0.6 trains 60% of each trajectory's steps (reference).\n\n"
+    "Memory (an estimate): the 16-bit FLUX weights alone take 24 GB, so plan for a GPU with 40 GB or more. "
+    "The UNETLoader's fp8 weight_dtype and t5xxl_fp8_e4m3fn_scaled.safetensors lower that, but training "
+    "on fp8 base weights is untested."
+)
+
+
+def flux() -> Workflow:
+    run_name = "pcpo_flux_dev_jpeg"
+    nodes = [
+        N(1, "UNETLoader", (40, 60), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}),
+        N(2, "DualCLIPLoader", (40, 220), {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                           "type": "flux", "device": "default"}),
+        N(3, "VAELoader", (40, 420), {"vae_name": "ae.safetensors"}),
+        N(4, "PCPOLoRA", (420, 60), {
+            "run_name": run_name, "rank": 16, "alpha": 16.0, "target_layers": "attention",
+            "learning_rate": 1e-4, "optimizer": "AdamW", "weight_decay": 1e-4, "seed": 0, "resume": True},
+            {"model": (1, 0)}),
+        N(5, "PCPOPrompts", (420, 420), {
+            "prompts": ANIMALS, "prompt_file": "(none)", "negative_prompt": "", "prompts_per_iteration": 1,
+            "seed": 0}, {"clip": (2, 0)}, size=(400, 420)),
+        N(6, "PCPOTrajectorySampler", (880, 60), {
+            "steps": 16, "cfg": 1.0, "group_size": 4, "seed": 0, "eta": 0.3, "rollout_variant": "uw-sigma",
+            "flow_noise_rule": "constant", "scheduler": "simple", "width": 512, "height": 512, "groups": 1},
+            {"session": (4, 1), "prompts": (5, 0)}),
+        N(7, "VAEDecode", (1280, 60), {}, {"samples": (6, 0), "vae": (3, 0)}),
+        N(8, "PreviewImage", (1280, 420), {}, {"images": (7, 0)}, size=(420, 420)),
+        N(9, "PCPORewardScorer", (1280, 180), {"reward": "jpeg-compressibility", "prompt": ""},
+          {"images": (7, 0), "trajectory": (6, 1)}),
+        N(10, "PCPOLoRAUpdate", (1740, 60), {
+            "objective": "pcpo", "clip_range": 1e-4, "advantage_clip": 5.0, "train_fraction": 0.6,
+            "micro_batch": 1, "grad_clip": 1.0, "updates_per_rollout": 2, "iterations_per_queue": 100,
+            "checkpoint_every": 1}, {"session": (4, 1), "trajectory": (6, 1), "rewards": (9, 0)}),
+        N(11, "PCPOExportLoRA", (1740, 480), {
+            "filename": f"pcpo/{run_name}", "dtype": "bf16", "also_diffusers": False},
+            {"session": (4, 1), "stats": (10, 1)}),
+        N(12, "MarkdownNote", (40, 560), text=LOOP_NOTE, size=(340, 480)),
+        N(13, "MarkdownNote", (880, 560), text=FLUX_NOTE, size=(380, 420)),
+    ]
+    return Workflow(
+        "pcpo_flux_dev_jpeg_compressibility", "FLUX.1-dev: PCPO LoRA for JPEG compressibility",
+        "FLUX.1-dev (UNETLoader `flux1-dev.safetensors`, DualCLIPLoader `clip_l` + `t5xxl_fp16` type flux, "
+        "VAELoader `ae.safetensors`), 512x512, 16 steps of the flow SDE (eta 0.3, constant rule), cfg 1 "
+        "(the model's built-in guidance 3.5 applies), 1 prompt x 4 samples per iteration, rank-16 attention "
+        "LoRA (lr 1e-4), PCPO with train_fraction 0.6, reward `jpeg-compressibility`, bf16 export. Plan for a GPU "
+        "with 40 GB or more in 16-bit (estimate).",
+        nodes)
+
+
+WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux]
+
+
+# =========================================================================== building
+
+def _widget_values(node: N, nd: NodeDef) -> list:
+    unknown = set(node.widgets) - {w.name for w in nd.widgets}
+    if unknown:
+        raise KeyError(f"node {node.id} ({node.type}) has no widget(s) {sorted(unknown)}")
+    values = []
+    for w in nd.widgets:
+        v = node.widgets.get(w.name, w.default())
+        if w.choices is not None and (node.type, w.name) in _CHECK_COMBOS and v not in w.choices:
+            raise ValueError(f"node {node.id} ({node.type}): {v!r} is not a choice of {w.name} {w.choices}")
+        values.append(v)
+        if w.control_values:
+            values.append("fixed")
+            if w.control_values == 2:
+                values.append("")
+    return values
+
+
+# combos checked against the live choices (file lists are not: the user's files are not here)
+_CHECK_COMBOS = {("PCPOLoRA", "target_layers"), ("PCPOLoRA", "optimizer"), ("PCPOPrompts", "prompt_file"),
+                 ("PCPOTrajectorySampler", "rollout_variant"), ("PCPOTrajectorySampler", "flow_noise_rule"),
+                 ("PCPOTrajectorySampler", "scheduler"), ("PCPORewardScorer", "reward"),
+                 ("PCPOLoRAUpdate", "objective"), ("PCPOExportLoRA", "dtype"), ("DualCLIPLoader", "type"),
+                 ("DualCLIPLoader", "device"), ("UNETLoader", "weight_dtype")}
+
+
+def _node_size(node: N, nd: NodeDef | None) -> list:
+    if node.size is not None:
+        return list(node.size)
+    if nd is None:
+        return [340, 200]
+    rows = max(len(nd.sockets), len(nd.outputs)) + sum(1 + w.control_values for w in nd.widgets)
+    extra = sum(90 for w in nd.widgets if w.options.get("multiline"))
+    return [360, 34 + 24 * rows + extra]
+
+
+def _topo_order(wf: Workflow) -> dict:
+    deps = {n.id: {src for src, _ in n.links.values()} for n in wf.nodes}
+    order, done = {}, set()
+    while len(done) < len(deps):
+        ready = sorted(i for i, d in deps.items() if i not in done and d <= done)
+        if not ready:
+            raise ValueError(f"workflow {wf.name} has a cycle")
+        for i in ready:
+            order[i] = len(order)
+            done.add(i)
+    return order
+
+
+def build_ui(wf: Workflow, defs: Callable[[str], NodeDef]) -> dict:
+    """The LiteGraph workflow (what the frontend saves/loads)."""
+    order = _topo_order(wf)
+    by_id = {n.id: n for n in wf.nodes}
+    links, link_id = [], 0
+    in_links: dict = {}       # (node id, input name) -> link id
+    out_links: dict = {}      # (node id, slot) -> [link ids]
+    for n in sorted(wf.nodes, key=lambda n: order[n.id]):
+        if n.type in FRONTEND_ONLY:
+            continue
+        nd = defs(n.type)
+        sockets = {s.name: s for s in nd.sockets}
+        for name, (src, slot) in n.links.items():
+            if name not in sockets:
+                raise KeyError(f"node {n.id} ({n.type}) has no socket input {name!r}")
+            src_def = defs(by_id[src].type)
+            typ = src_def.outputs[slot]
+            if sockets[name].type not in (typ, "*"):
+                raise TypeError(f"link {src}:{slot} ({typ}) -> {n.id}.{name} ({sockets[name].type})")
+            link_id += 1
+            target_slot = [s.name for s in nd.sockets].index(name)
+            links.append([link_id, src, slot, n.id, target_slot, typ])
+            in_links[(n.id, name)] = link_id
+            out_links.setdefault((src, slot), []).append(link_id)
+        missing = [s.name for s in nd.sockets if not s.optional and s.name not in n.links]
+        if missing:
+            raise ValueError(f"node {n.id} ({n.type}) leaves required inputs {missing} unconnected")
+
+    ui_nodes = []
+    for n in wf.nodes:
+        entry: dict[str, Any] = {"id": n.id, "type": n.type, "pos": list(n.pos)}
+        if n.type in FRONTEND_ONLY:
+            entry.update(size=_node_size(n, None), flags={}, order=order[n.id], mode=0, inputs=[], outputs=[],
+                         properties={}, widgets_values=[n.text or ""], color="#432", bgcolor="#653")
+            ui_nodes.append(entry)
+            continue
+        nd = defs(n.type)
+        entry.update(size=_node_size(n, nd), flags={}, order=order[n.id], mode=0)
+        entry["inputs"] = [{"name": s.name, "type": s.type, "link": in_links.get((n.id, s.name))}
+                           for s in nd.sockets]
+        entry["outputs"] = [{"name": nd.output_names[i], "type": t, "links": out_links.get((n.id, i), []),
+                             "slot_index": i} for i, t in enumerate(nd.outputs)]
+        props: dict[str, Any] = {"Node name for S&R": n.type}
+        models = []
+        for v in n.widgets.values():
+            if isinstance(v, str) and v in MODEL_URLS:
+                url, directory = MODEL_URLS[v]
+                models.append({"name": v, "url": url, "directory": directory})
+        if models:
+            props["models"] = models
+        entry["properties"] = props
+        entry["widgets_values"] = _widget_values(n, nd)
+        if n.title:
+            entry["title"] = n.title
+        ui_nodes.append(entry)
+
+    groups = [{"id": i + 1, "title": t, "bounding": list(b), "color": c, "font_size": 24, "flags": {}}
+              for i, (t, b, c) in enumerate(wf.groups)]
+    return {
+        "last_node_id": max(n.id for n in wf.nodes),
+        "last_link_id": link_id,
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": groups,
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "pcpo_workflow": {"name": wf.name, "title": wf.title,
+                                                                             "summary": wf.summary}},
+        "version": 0.4,
+    }
+
+
+def _display_title(class_type: str) -> str:
+    import nodes
+    return nodes.NODE_DISPLAY_NAME_MAPPINGS.get(class_type, class_type)
+
+
+def build_api(wf: Workflow, defs: Callable[[str], NodeDef], title: Callable[[str], str] = _display_title) -> dict:
+    """The API prompt, straight from the description (widgets first, then links, like the frontend)."""
+    prompt = {}
+    for n in sorted(wf.nodes, key=lambda n: n.id):
+        if n.type in FRONTEND_ONLY:
+            continue
+        nd = defs(n.type)
+        inputs: dict[str, Any] = {}
+        for w in nd.widgets:
+            inputs[w.name] = n.widgets.get(w.name, w.default())
+        for s in nd.sockets:
+            if s.name in n.links:
+                src, slot = n.links[s.name]
+                inputs[s.name] = [str(src), int(slot)]
+        prompt[str(n.id)] = {"inputs": inputs, "class_type": n.type, "_meta": {"title": n.title or title(n.type)}}
+    return prompt
+
+
+def ui_to_api(workflow: dict, defs: Callable[[str], NodeDef], title: Callable[[str], str] = _display_title) -> dict:
+    """Convert a UI (LiteGraph) workflow into an API prompt, as the frontend's graphToPrompt does for
+    the graphs we ship: frontend-only nodes (notes) are dropped, widget values are matched to the
+    node's widget inputs in INPUT_TYPES order (control_after_generate values skipped), linked inputs
+    become ``[source id, source slot]``.  Muted/bypassed nodes, groups nodes and subgraphs are not
+    supported (ours have none)."""
+    links = {ln[0]: ln for ln in workflow["links"]}
+    prompt = {}
+    for node in sorted(workflow["nodes"], key=lambda n: int(n["id"])):
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        if node.get("mode", 0) != 0:
+            raise NotImplementedError(f"node {node['id']} ({node['type']}) is muted or bypassed (mode "
+                                      f"{node.get('mode')}); the converter only handles active nodes")
+        nd = defs(node["type"])
+        values = list(node.get("widgets_values") or [])
+        if len(values) != nd.widget_value_count():
+            raise ValueError(f"node {node['id']} ({node['type']}) has {len(values)} widget values, "
+                             f"expected {nd.widget_value_count()}")
+        inputs: dict[str, Any] = {}
+        linked = {i["name"]: i.get("link") for i in node.get("inputs", []) if i.get("link") is not None}
+        it = iter(values)
+        for w in nd.widgets:
+            v = next(it)
+            for _ in range(w.control_values):
+                next(it)
+            if w.name not in linked:  # a widget converted to an input takes the link instead
+                inputs[w.name] = v
+        for inp in node.get("inputs", []):
+            lid = inp.get("link")
+            if lid is None:
+                continue
+            ln = links[lid]
+            inputs[inp["name"]] = [str(ln[1]), int(ln[2])]
+        prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
+                                   "_meta": {"title": node.get("title") or title(node["type"])}}
+    return prompt
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def render_all(defs: Callable[[str], NodeDef] | None = None) -> dict:
+    """{relative path: file text} for every generated file."""
+    defs = defs or comfy_node_defs()
+    files = {}
+    for make in WORKFLOWS:
+        wf = make()
+        files[f"workflows/{wf.name}.json"] = dumps(build_ui(wf, defs))
+        files[f"workflows/api/{wf.name}.json"] = dumps(build_api(wf, defs))
+    return files
+
+
+def load_host() -> None:
+    """ComfyUI in-process + this repository loaded as a custom node pack."""
+    tests = str(REPO_ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import comfy_harness
+    import pcpo_pack
+    comfy_harness.load_comfy()
+    # an empty input folder: PCPO Prompts' file list (and nothing is written into ComfyUI's tree)
+    comfy_harness.set_base_dirs(tempfile.mkdtemp(prefix="pcpo-build-workflows-"))
+    pack = pcpo_pack.load(comfy_harness)
+    if not pack.ok:
+        raise RuntimeError("the comfyui-pcpo pack failed to load into ComfyUI (see the log above)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Generate workflows/*.json and workflows/api/*.json")
+    ap.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
+    a = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+    load_host()
+    files = render_all()
+    stale = []
+    for rel, text in files.items():
+        path = REPO_ROOT / rel
+        old = path.read_text(encoding="utf-8") if path.exists() else None
+        if old == text:
+            continue
+        stale.append(rel)
+        if not a.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+    if a.check:
+        for rel in stale:
+            print(f"stale: {rel}", file=sys.stderr)
+        return 1 if stale else 0
+    for rel in files:
+        print(("wrote " if rel in stale else "unchanged ") + rel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
