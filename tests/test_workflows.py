@@ -37,6 +37,7 @@ FAMILY = {
     "pcpo_sd15_jpeg_compressibility": "sd15",
     "pcpo_sdxl_jpeg_compressibility": "sdxl",
     "pcpo_flux_dev_jpeg_compressibility": "flux",
+    "demo_tiny_pcpo": "demo",
 }
 NAMES = sorted(FAMILY)
 LOADER_STANDINS = {
@@ -208,7 +209,8 @@ def shrink(api: dict, family: str, run_name: str, iterations_per_queue: int = 1)
         elif ct == "PCPOPrompts":
             inp["prompts_per_iteration"] = min(int(inp["prompts_per_iteration"]), 2)
         elif ct == "PCPOTrajectorySampler":
-            inp.update(steps=3, width=64, height=64, group_size=2)
+            size = 32 if family == "demo" else 64  # the demo model is a 32x32 pixel-space model
+            inp.update(steps=3, width=size, height=size, group_size=2)
         elif ct == "PCPOLoRAUpdate":
             inp.update(micro_batch=2, iterations_per_queue=iterations_per_queue)
         elif ct == "PCPOExportLoRA":

@@ -313,7 +313,61 @@ def flux() -> Workflow:
         nodes)
 
 
-WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux]
+DEMO_NOTE = (
+    "## The embedded demo (runs on a CPU)\n\n"
+    "A tiny 32x32 pixel-space text-to-image model ships with the pack (PCPO Demo Model Loader). Its "
+    "captions look like `a red circle on a blue background`; the base model gets the backgrounds right but "
+    "paints the shape in the prompted colour only about half the time. The reward "
+    "`prompt-colour-agreement` scores exactly that, and PCPO raises it in a few minutes on a CPU.\n\n"
+    "Headless: `bash tools/demo.sh` runs this workflow in ComfyUI and writes a before/after grid, a "
+    "reward curve and the LoRA."
+)
+
+
+def _demo_captions() -> str:
+    sys.path.insert(0, str(REPO_ROOT))
+    from comfyui_pcpo.demo.shapes import all_specs
+    return "\n".join(s.text for s in all_specs())
+
+
+def demo() -> Workflow:
+    run_name = "demo_tiny_pcpo"
+    nodes = [
+        N(1, "PCPODemoModelLoader", (40, 60), {}),
+        N(2, "PCPOLoRA", (420, 60), {
+            "run_name": run_name, "rank": 8, "alpha": 8.0, "target_layers": "attention+mlp",
+            "learning_rate": 2e-3, "optimizer": "AdamW", "weight_decay": 0.0, "seed": 0, "resume": True},
+            {"model": (1, 0)}),
+        N(3, "PCPOPrompts", (420, 420), {
+            "prompts": _demo_captions(), "prompt_file": "(none)", "negative_prompt": "",
+            "prompts_per_iteration": 4, "seed": 0}, {"clip": (1, 1)}, size=(400, 420)),
+        N(4, "PCPOTrajectorySampler", (880, 60), {
+            "steps": 10, "cfg": 4.0, "group_size": 8, "seed": 0, "eta": 1.0, "rollout_variant": "uw-sigma",
+            "flow_noise_rule": "constant", "scheduler": "simple", "width": 32, "height": 32, "groups": 1},
+            {"session": (2, 1), "prompts": (3, 0)}),
+        N(5, "VAEDecode", (1280, 60), {}, {"samples": (4, 0), "vae": (1, 2)}),
+        N(6, "PCPORewardScorer", (1280, 180), {"reward": "prompt-colour-agreement", "prompt": ""},
+          {"images": (5, 0), "trajectory": (4, 1)}),
+        N(7, "PCPOLoRAUpdate", (1740, 60), {
+            "objective": "pcpo", "clip_range": 1e-4, "advantage_clip": 5.0, "train_fraction": 0.5,
+            "micro_batch": 8, "grad_clip": 1.0, "updates_per_rollout": 2, "iterations_per_queue": 30,
+            "checkpoint_every": 5}, {"session": (2, 1), "trajectory": (4, 1), "rewards": (6, 0)}),
+        N(8, "PCPOExportLoRA", (1740, 480), {
+            "filename": f"pcpo/{run_name}", "dtype": "fp16", "also_diffusers": False},
+            {"session": (2, 1), "stats": (7, 1)}),
+        N(9, "PreviewImage", (1280, 420), {}, {"images": (5, 0)}, size=(420, 420)),
+        N(10, "MarkdownNote", (40, 420), text=DEMO_NOTE + "\n\n" + LOOP_NOTE, size=(340, 560)),
+    ]
+    return Workflow(
+        "demo_tiny_pcpo", "Demo: PCPO on the embedded tiny model (CPU)",
+        "The embedded 1.4M-parameter 32x32 pixel-space demo model (PCPO Demo Model Loader), 10 DDIM steps "
+        "(eta 1, cfg 4), 4 prompts x 8 samples per iteration, rank-8 LoRA on attention and MLP layers "
+        "(lr 2e-3), PCPO on half of each trajectory's steps, reward `prompt-colour-agreement`, 30 iterations "
+        "per Queue. Runs on a CPU in minutes; `bash tools/demo.sh` runs it headless.",
+        nodes)
+
+
+WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux, demo]
 
 
 # =========================================================================== building
