@@ -129,39 +129,40 @@ def test_pcpo_loss_autograd_matches_finite_differences(pcpo, tiny, family):
             loss_fn(True, oop=False)
 
 
-def _brightness_gain(pcpo, objective, seed, iters=4, G=4, P=2, steps=6):
-    """Train on the embedded demo model (pixel space: the decoded image is the sample) with the
-    brightness reward, then sample an evaluation batch with the LoRA on and off.  With the LoRA off
-    the model is exactly the same run at learning rate 0 (the LoRA's up matrices start at zero and
-    never move), and both evaluations use the same noise."""
+def latent_preview(tm, latent):
+    """Decode with ComfyUI's linear latent-to-RGB preview factors of the model's latent format."""
+    fmt = tm.latent_format
+    f = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
+    bias = getattr(fmt, "latent_rgb_factors_bias", None)
+    rgb = torch.nn.functional.linear(fmt.process_in(latent).movedim(1, -1), f.T,
+                                     None if bias is None else torch.tensor(bias, dtype=torch.float32))
+    return ((rgb + 1) / 2).clamp(0, 1)
+
+
+def _brightness_gain(pcpo, tiny, objective, seed, iters=4, G=8, steps=3):
+    """Train a LoRA on the tiny FLUX model for mean brightness of the decoded image, then sample an
+    evaluation batch with the LoRA on and off.  With the LoRA off the model is exactly the same run
+    at learning rate 0 (the LoRA's up matrices start at zero and would never move); both evaluations
+    use the same noise."""
     glue = pcpo.mod("nodes.glue")
-    model, clip, vae = pcpo.mod("nodes.demo").load_demo()
-    N = pcpo.nodes
-    _, sess = N["PCPOLoRA"]().create(model, f"bright_{objective}_{seed}", 8, 8.0, "attention+mlp", 3e-3, "AdamW",
-                                     0.0, seed, False)
-    captions = "\n".join(pcpo.mod("nodes.demo").DEMO_PROMPTS.splitlines())
-    prompts = N["PCPOPrompts"]().build(clip, captions, "(none)", "", P, seed)[0]
-
-    def sample(groups_prompts):
-        with torch.inference_mode():
-            lat, batch = N["PCPOTrajectorySampler"]().sample(sess, steps, 4.0, G, seed, 1.0, "uw-sigma", "constant",
-                                                             "simple", 32, 32, 1, prompts=groups_prompts)
-            return vae.decode(lat["samples"]), batch
-
+    tm = tiny.build("flux", seed=seed)
+    sess = make_session(pcpo, tm, f"bright_{objective}_{seed}", lr=3e-3, preset="all-linear", seed=seed)
     for _ in range(iters):
-        img, batch = sample(prompts)
-        update(pcpo, sess, batch, img, objective=objective, micro_batch=G)
-    evalp = N["PCPOPrompts"]().build(clip, captions, "(none)", "", 6, 1000 + seed)[0]
-    trained = float(sample(evalp)[0].mean())
+        lat, batch = rollout(pcpo, tm, sess, G=G, groups=2, steps=steps, seed=seed)
+        update(pcpo, sess, batch, latent_preview(tm, lat["samples"]), objective=objective, micro_batch=G)
+    lat, _ = rollout(pcpo, tm, sess, G=G, groups=4, steps=steps, seed=1000 + seed)
+    trained = float(latent_preview(tm, lat["samples"]).mean())
     with glue.lora_multiplier(sess.adapters, 0.0):
-        frozen = float(sample(evalp)[0].mean())
-    return trained - frozen
+        lat, _ = rollout(pcpo, tm, sess, G=G, groups=4, steps=steps, seed=1000 + seed)
+    return trained - float(latent_preview(tm, lat["samples"]).mean())
 
 
 @pytest.mark.parametrize("objective", ["pcpo", "grpo-clip"])
-def test_short_training_raises_brightness_against_lr_zero(pcpo, objective):
-    gains = [_brightness_gain(pcpo, objective, s) for s in range(3)]
-    assert min(gains) > 0.01, gains
+def test_short_training_raises_brightness_against_lr_zero(pcpo, tiny, objective):
+    """Within a group the brightness varies by about 0.006-0.025 (reward std); four iterations must
+    raise it on every one of five seeds, by 0.015 on average."""
+    gains = [_brightness_gain(pcpo, tiny, objective, s) for s in range(5)]
+    assert min(gains) > 0.002 and sum(gains) / len(gains) > 0.015, gains
 
 
 def test_bad_inputs_give_clear_errors(pcpo, tiny):
