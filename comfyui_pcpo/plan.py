@@ -109,6 +109,9 @@ def flow_plan(ts, noise_rule: str = "constant", level: float = 0.3, variant: str
     if t.numel() < 2 or not bool((t[:-1] > t[1:]).all()) or float(t[0]) > 1.0 or float(t[-1]) < 0.0:
         raise ValueError("flow times must decrease strictly inside [0, 1]")
     sig = schedules.flow_noise_levels(t, noise_rule, level)
+    if not bool((sig > 0).all()) or not bool(torch.isfinite(sig).all()):
+        raise ValueError(f"the {noise_rule!r} noise rule gives a zero or infinite noise level on this grid "
+                         f"(t = {t.tolist()}); use at least 2 steps, or the 'constant' rule")
     dt = t[:-1] - t[1:]
     std = sig * dt.sqrt()
     w_nat = weights.flow_native_weights(t, sig)

@@ -23,7 +23,11 @@ def load(harness) -> SimpleNamespace:
     os.symlink(REPO_ROOT, link, target_is_directory=True)
     ok = harness.load_pack(link)
     import nodes as comfy_nodes
-    ours = {k: v for k, v in comfy_nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("PCPO")}
+    def from_pack(cls) -> bool:
+        mod = sys.modules.get(cls.__module__)
+        return str(getattr(mod, "__file__", "")).startswith(str(link))
+
+    ours = {k: v for k, v in comfy_nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("PCPO") and from_pack(v)}
 
     def mod(name: str):
         # ComfyUI names the pack module after its path (0.3.75) or folder name (older versions)

@@ -76,7 +76,7 @@ def load_host(out: pathlib.Path):
     return execution, dirs, pack
 
 
-def execute(execution, executor, prompt: dict) -> None:
+def execute(execution, executor, prompt: dict, extra_data: dict) -> None:
     prompt_id = str(uuid.uuid4())
     if len(inspect.signature(execution.validate_prompt).parameters) >= 3:
         valid = _run(execution.validate_prompt(prompt_id, prompt, None))
@@ -85,7 +85,7 @@ def execute(execution, executor, prompt: dict) -> None:
     if not valid[0]:
         raise RuntimeError(f"the demo workflow failed validation: {valid[1]} {valid[3]}")
     executor.server.errors = []
-    executor.execute(copy.deepcopy(prompt), prompt_id, {}, valid[2])
+    executor.execute(copy.deepcopy(prompt), prompt_id, copy.deepcopy(extra_data), valid[2])
     if not executor.success:
         err = executor.server.errors[-1] if executor.server.errors else {}
         raise RuntimeError(f"the demo workflow failed in node {err.get('node_type')}: {err.get('exception_message')}")
@@ -216,9 +216,12 @@ def main(argv=None) -> int:
     print(f"training: {args.iterations} iterations x {prompt[prompts_node]['inputs']['prompts_per_iteration']} prompts x "
           f"{prompt[samp_node]['inputs']['group_size']} samples, objective {inp['objective']}", flush=True)
     t_train = time.time()
+    # as when the app loops: one queued prompt, then re-queued copies carrying the run's target
+    inp["iterations_per_queue"] = args.iterations
+    loop = {"extra_pnginfo": {"pcpo_loop": {"run": run_name, "target": args.iterations}}}
     for it in range(args.iterations):
         t0 = time.time()
-        execute(execution, executor, prompt)
+        execute(execution, executor, prompt, {} if it == 0 else loop)
         h = session_mod.SESSIONS[run_name].history[-1]
         print(f"iter {h['iteration']:3d}/{args.iterations}  reward {h['reward_mean']:.3f} ± {h['reward_std']:.3f}  "
               f"clip fraction {h['clip_fraction']:.3f}  kl {h['approx_kl']:.1e}  ({time.time() - t0:.1f} s)", flush=True)
