@@ -24,8 +24,8 @@ class Host:
         import nodes
         self.N = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("PCPO")}
         self.model, self.clip, self.vae = self.pack["demo"].load_demo()
-        from comfyui_pcpo.demo.shapes import all_specs
-        self.captions = "\n".join(s.text for s in all_specs())
+        from comfyui_pcpo.demo.shapes import TRAINING_CAPTIONS
+        self.captions = "\n".join(TRAINING_CAPTIONS)  # the demo's training captions
 
     def session(self, name: str, lr: float, seed: int = 0, rank: int = 8):
         self.pack["session"].SESSIONS.pop(name, None)

@@ -5,7 +5,7 @@ per objective, the iterations needed for the running mean (window 3) of the trai
 to reach the target (median and range over seeds; runs that never reach it count as the budget +
 1), the ratio baseline / PCPO, the final reward, and the clip fraction per timestep.
 
-    python benchmarks/convergence.py --seeds 3 --iterations 20 --target 0.72
+    python benchmarks/convergence.py --seeds 3 --iterations 20 --target 0.80
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main():
     ap.add_argument("--objectives", default="pcpo,grpo-clip,ddpo")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=20)
-    ap.add_argument("--target", type=float, default=0.72)
+    ap.add_argument("--target", type=float, default=0.80)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--prompts-per-iteration", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=8)

@@ -189,3 +189,65 @@ def test_pcpo_sampler_plugs_into_sampler_custom(pcpo, tiny):
     c = tm.sample(batch=2, steps=4, sampler=sampler, seed=4)
     assert a.shape == (2, 4, 16, 16) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cancel_checkpoints_and_restart_resumes(pcpo, tiny, comfy_dirs):
+    """Cancel during an update: the interrupt propagates, nothing is half-applied and the run is
+    checkpointed; a 'restarted' ComfyUI (empty session registry) resumes from that checkpoint."""
+    import comfy.model_management as mm
+    import os
+    tm = tiny.build("sd15")
+    session_mod = pcpo.mod("nodes.session")
+    name = "cancel_resume"
+    sess = make_session(pcpo, tm, name, lr=1e-2)
+    _, batch = rollout(pcpo, tm, sess)
+    update(pcpo, sess, batch, torch.rand(4, 8, 8, 3, generator=torch.Generator().manual_seed(0)))
+    assert sess.iteration == 1 and os.path.exists(sess.checkpoint_path)
+    weights = {k: (a.down.detach().clone(), a.up.detach().clone()) for k, a in sess.adapters.items()}
+    _, batch = rollout(pcpo, tm, sess)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            update(pcpo, sess, batch, torch.rand(4, 8, 8, 3))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert sess.iteration == 1  # the interrupted iteration did not count
+    for k, a in sess.adapters.items():  # and no optimizer step was taken
+        assert torch.equal(a.up, weights[k][1]) and torch.equal(a.down, weights[k][0])
+        assert a.up.grad is None
+    # restart: a fresh process has no live sessions; the PCPO LoRA node resumes from disk
+    session_mod.SESSIONS.pop(name)
+    _, resumed = pcpo.nodes["PCPOLoRA"]().create(tm.model, name, 4, 4.0, "attention", 1e-2, "AdamW", 0.0, 0, True)
+    assert resumed is not sess and resumed.iteration == 1 and len(resumed.history) == 1
+    for k, a in resumed.adapters.items():
+        assert torch.equal(a.up, weights[k][1]) and torch.equal(a.down, weights[k][0])
+    assert resumed.optimizer.state_dict()["state"], "the optimizer state is restored too"
+    # a different rank under the same run name is a clear error, not a silent restart
+    session_mod.SESSIONS.pop(name)
+    with pytest.raises(ValueError, match="rank"):
+        pcpo.nodes["PCPOLoRA"]().create(tm.model, name, 8, 4.0, "attention", 1e-2, "AdamW", 0.0, 0, True)
+
+
+def test_memory_does_not_grow_with_iterations(pcpo, tiny):
+    """The session keeps only scalars per iteration: live tensors stay flat across iterations."""
+    import gc
+    tm = tiny.build("sd15")
+    sess = make_session(pcpo, tm, "memory_flat")
+
+    def one():
+        _, batch = rollout(pcpo, tm, sess)
+        update(pcpo, sess, batch, torch.rand(4, 8, 8, 3))
+
+    def live_tensor_bytes():
+        gc.collect()
+        return sum(o.numel() * o.element_size() for o in gc.get_objects()
+                   if isinstance(o, torch.Tensor) and not o.is_meta)
+
+    one()
+    one()
+    before = live_tensor_bytes()
+    for _ in range(4):
+        one()
+    after = live_tensor_bytes()
+    assert after <= before * 1.01 + 4096, (before, after)
+    assert sess.iteration == 6 and all(isinstance(v, (int, float, str)) for h in sess.history for v in h.values())

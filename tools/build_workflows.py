@@ -326,8 +326,9 @@ DEMO_NOTE = (
 
 def _demo_captions() -> str:
     sys.path.insert(0, str(REPO_ROOT))
-    from comfyui_pcpo.demo.shapes import all_specs
-    return "\n".join(s.text for s in all_specs())
+    from comfyui_pcpo.demo.shapes import TRAINING_CAPTIONS
+    return ("# captions the base model follows only sometimes (comfyui_pcpo/demo/shapes.py)\n"
+            + "\n".join(TRAINING_CAPTIONS))
 
 
 def demo() -> Workflow:

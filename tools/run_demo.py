@@ -137,7 +137,7 @@ def save_grid(path, before, after, prompts, n: int = 16, scale: int = 3):
     canvas.save(path)
 
 
-def save_curve(path, train_rewards, before: float, after: float):
+def save_curve(path, train_rewards, before: float, after: float, label: str = "evaluation"):
     from PIL import Image, ImageDraw
 
     W, H, m = 640, 360, 48
@@ -155,17 +155,24 @@ def save_curve(path, train_rewards, before: float, after: float):
     for k in range(5):
         v = lo + (hi - lo) * k / 4
         d.text((4, xy(0, v)[1] - 6), f"{v:.2f}", fill="black")
-    d.text((W // 2 - 40, H - m + 16), "iteration", fill="black")
-    d.text((m, 12), "reward (prompt-colour agreement): training batches, and the 90-caption evaluation", fill="black")
-    for v, colour, name in ((before, (200, 60, 60), "eval before"), (after, (40, 140, 40), "eval after")):
+    for i in range(0, n, max(1, n // 10)):
+        x = xy(i, lo)[0]
+        d.line([(x, H - m), (x, H - m + 4)], fill="black")
+        d.text((x - 4, H - m + 6), str(i + 1), fill="black")
+    d.text((W // 2 - 40, H - m + 22), "iteration", fill="black")
+    d.text((m, 12), f"prompt-colour agreement: training batches (dots), running mean of 5 (line), {label}",
+           fill="black")
+    for v, colour, name in ((before, (200, 60, 60), "before"), (after, (40, 140, 40), "after")):
         y = xy(0, v)[1]
         d.line([(m, y), (W - m, y)], fill=colour)
         d.text((W - m - 70, y - 14), f"{name} {v:.3f}", fill=colour)
     pts = [xy(i, v) for i, v in enumerate(train_rewards)]
-    if len(pts) > 1:
-        d.line(pts, fill=(30, 80, 200), width=2)
     for p in pts:
-        d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(30, 80, 200))
+        d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(120, 150, 220))
+    run = [sum(train_rewards[max(0, i - 4): i + 1]) / len(train_rewards[max(0, i - 4): i + 1])
+           for i in range(len(train_rewards))]
+    if len(run) > 1:
+        d.line([xy(i, v) for i, v in enumerate(run)], fill=(30, 60, 190), width=3)
     img.save(path)
 
 
@@ -247,21 +254,33 @@ def main(argv=None) -> int:
     tuned = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)[0]
     logging.getLogger().removeHandler(handler)
 
-    from comfyui_pcpo.demo.shapes import all_specs
+    from comfyui_pcpo.demo.shapes import TRAINING_CAPTIONS, all_specs
+    train_set = set(TRAINING_CAPTIONS)
     prompts = [s.text for s in all_specs()][: args.eval_prompts]
     steps, cfg = prompt[samp_node]["inputs"]["steps"], prompt[samp_node]["inputs"]["cfg"]
     img_b, r_b, ok_b = evaluate(base, clip, vae, prompts, 12345, steps, cfg, sampler_mod.pcpo_sample)
     img_a, r_a, ok_a = evaluate(tuned, clip, vae, prompts, 12345, steps, cfg, sampler_mod.pcpo_sample)
+    in_train = torch.tensor([p in train_set for p in prompts])
 
     grid = out / "before_after.png"
     curve = out / "reward_curve.png"
-    save_grid(grid, img_b, img_a, prompts)
-    save_curve(curve, [h["reward_mean"] for h in sess.history], float(r_b.mean()), float(r_a.mean()))
+    show = [i for i, p in enumerate(prompts) if p in train_set] + [i for i, p in enumerate(prompts) if p not in train_set]
+    save_grid(grid, img_b[show], img_a[show], [prompts[i] for i in show])
+    if in_train.any():  # the training batches draw training captions: compare with those
+        save_curve(curve, [h["reward_mean"] for h in sess.history], float(r_b[in_train].mean()),
+                   float(r_a[in_train].mean()), f"evaluation on the {int(in_train.sum())} training captions")
+    else:
+        save_curve(curve, [h["reward_mean"] for h in sess.history], float(r_b.mean()), float(r_a.mean()))
     summary = {
         "iterations": args.iterations, "objective": inp["objective"], "train_seconds": round(train_s, 1),
         "total_seconds": round(time.time() - t_start, 1), "threads": args.threads,
         "eval_prompts": len(prompts), "eval_reward_before": float(r_b.mean()), "eval_reward_after": float(r_a.mean()),
         "colour_correct_before": float(ok_b.float().mean()), "colour_correct_after": float(ok_a.float().mean()),
+        "train_captions_eval": int(in_train.sum()),
+        "eval_reward_before_train_captions": float(r_b[in_train].mean()) if in_train.any() else None,
+        "eval_reward_after_train_captions": float(r_a[in_train].mean()) if in_train.any() else None,
+        "eval_reward_before_other_captions": float(r_b[~in_train].mean()) if (~in_train).any() else None,
+        "eval_reward_after_other_captions": float(r_a[~in_train].mean()) if (~in_train).any() else None,
         "lora": str(lora_path), "lora_keys": len(lora), "lora_keys_not_loaded": len(not_loaded),
         "train_reward_first": sess.history[0]["reward_mean"], "train_reward_last": sess.history[-1]["reward_mean"],
         "history": sess.history,
@@ -270,6 +289,10 @@ def main(argv=None) -> int:
     print()
     print(f"evaluation on {len(prompts)} captions, same noise, {steps} steps, cfg {cfg}:")
     print(f"  prompt-colour agreement  before {summary['eval_reward_before']:.3f}  after {summary['eval_reward_after']:.3f}")
+    if in_train.any() and (~in_train).any():
+        print(f"    the {int(in_train.sum())} training captions  before {summary['eval_reward_before_train_captions']:.3f}"
+              f"  after {summary['eval_reward_after_train_captions']:.3f};  the other {int((~in_train).sum())}  before "
+              f"{summary['eval_reward_before_other_captions']:.3f}  after {summary['eval_reward_after_other_captions']:.3f}")
     print(f"  shape has the prompted colour  before {100 * summary['colour_correct_before']:.0f}%  "
           f"after {100 * summary['colour_correct_after']:.0f}%")
     print(f"  exported LoRA reloaded through ComfyUI: {len(lora)} tensors, {len(not_loaded)} keys not loaded")

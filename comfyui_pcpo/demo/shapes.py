@@ -160,3 +160,26 @@ def nearest_palette_index(images) -> "np.ndarray":
     x = np.asarray(images, dtype=np.float32)
     d = ((x[..., None, :] - PALETTE_ARRAY) ** 2).sum(-1)
     return d.argmin(-1)
+
+
+# The demo's training captions: those the base model (400 training steps) paints in the prompted
+# colour sometimes but not always -- mean prompt-colour agreement between 0.3 and 0.8 over 4 seeds,
+# 10 DDIM steps, cfg 4.  Captions it always gets right, or never (every sample of a group scores
+# the same), give a group no reward variance and so no gradient.
+TRAINING_CAPTIONS = [
+    "a green triangle on a red background", "a white triangle on a green background",
+    "a green circle on a red background", "a white triangle on a red background",
+    "a blue triangle on a red background", "a blue square on a red background",
+    "a blue circle on a white background", "a white square on a green background",
+    "a blue circle on a red background", "a purple square on a white background",
+    "a white square on a red background", "a white circle on a green background",
+    "a white triangle on a purple background", "a white circle on a red background",
+    "a yellow square on a purple background", "a white square on a blue background",
+    "a white circle on a blue background", "a yellow square on a blue background",
+    "a yellow circle on a blue background", "a blue square on a white background",
+    "a purple circle on a red background", "a green square on a white background",
+    "a purple triangle on a green background", "a green square on a yellow background",
+    "a green circle on a yellow background", "a yellow circle on a purple background",
+    "a purple triangle on a red background", "a purple circle on a green background",
+    "a purple triangle on a white background",
+]
