@@ -251,3 +251,42 @@ def test_memory_does_not_grow_with_iterations(pcpo, tiny):
     after = live_tensor_bytes()
     assert after <= before * 1.01 + 4096, (before, after)
     assert sess.iteration == 6 and all(isinstance(v, (int, float, str)) for h in sess.history for v in h.values())
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_uw_lambda_rollout_mixes_base_and_lora_predictions(pcpo, tiny, family):
+    """uw-lambda executes eps_ref + lambda_t (eps_theta - eps_ref) and records eps_theta, so the
+    exact log-ratio weight of the trained prediction is the PCPO weight; the first update replays
+    the rollout exactly."""
+    glue = pcpo.mod("nodes.glue")
+    from comfyui_pcpo.plan import step_mean
+    tm = tiny.build(family)
+    sess = make_session(pcpo, tm, f"uwl_{family}")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for a in sess.adapters.values():
+            a.up.copy_(0.05 * torch.randn(a.up.shape, generator=g))
+    _, batch = rollout(pcpo, tm, sess, variant="uw-lambda")
+    traj, plan = batch.traj, batch.traj.plan
+    assert torch.allclose(plan.w_native[plan.std > 0], plan.w_loss[plan.std > 0], rtol=1e-9)
+    pos, neg = batch.group_conds[0]
+    rows = torch.tensor([0, 1])
+    i = 1
+    x = traj.latents[rows, i].clone()
+
+    def pred(predict):
+        s = plan.sigmas[i].float().expand(2)
+        return (x - predict(x, s)) / s.reshape(-1, 1, 1, 1)
+
+    run = lambda: glue.run_in_guider(sess.model, pos, neg, batch.cfg, (2, *batch.latent_shape),  # noqa: E731
+                                     plan.sigmas.float(), pred)
+    with torch.inference_mode():
+        theta = run()
+        with glue.lora_multiplier(sess.adapters, 0.0):
+            ref = run()
+    assert torch.equal(theta, traj.pred_old[rows, i]) and not torch.allclose(theta, ref)
+    mixed = ref + float(plan.lam[i]) * (theta - ref)
+    expect = step_mean(plan, i, x, mixed) + float(plan.std[i]) * traj.eps_old[rows, i]
+    assert torch.allclose(expect, traj.latents[rows, i + 1], atol=1e-4)
+    stats = update(pcpo, sess, batch, torch.rand(4, 8, 8, 3, generator=torch.Generator().manual_seed(2)))
+    assert stats["first_update_log_ratio"] == 0.0
