@@ -127,8 +127,8 @@ def _raw_outputs(entry):
     if entry is None:
         return None
     raw = getattr(entry, "outputs", None)
-    if raw is None and isinstance(entry, (list, tuple)):  # older caches: [outputs, ui]
-        raw = entry[0] if entry and isinstance(entry[0], (list, tuple)) else entry
+    if raw is None and isinstance(entry, (list, tuple)):  # 0.3.6x caches store the output lists directly
+        raw = entry
     return raw
 
 
@@ -151,13 +151,20 @@ def _run(coro_or_value):
     return coro_or_value
 
 
+def executor_kwargs(execution) -> dict:
+    """PromptExecutor arguments for a classic cache: 0.3.7x needs cache_args, 0.3.6x has none."""
+    kw = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        kw["cache_args"] = {"lru": 0, "ram": 0.0}
+    return kw
+
+
 def new_executor(fresh: bool = False):
     """A PromptExecutor with a stub server (shared between calls unless ``fresh``)."""
     load_comfy()
     import execution
     if fresh or _STATE["executor"] is None:
-        ex = execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC,
-                                      cache_args={"lru": 0, "ram": 0.0})
+        ex = execution.PromptExecutor(StubServer(), **executor_kwargs(execution))
         if fresh:
             return ex
         _STATE["executor"] = ex

@@ -217,8 +217,10 @@ def main(argv=None) -> int:
     shutil.rmtree(os.path.join(dirs["output"], "pcpo", run_name), ignore_errors=True)  # a fresh run
     session_mod.SESSIONS.pop(run_name, None)
 
-    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0.0})
+    kw = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:  # 0.3.7x
+        kw["cache_args"] = {"lru": 0, "ram": 0.0}
+    executor = execution.PromptExecutor(_Server(), **kw)
     inp = prompt[upd]["inputs"]
     print(f"training: {args.iterations} iterations x {prompt[prompts_node]['inputs']['prompts_per_iteration']} prompts x "
           f"{prompt[samp_node]['inputs']['group_size']} samples, objective {inp['objective']}", flush=True)
