@@ -116,24 +116,27 @@ def evaluate(model, clip, vae, prompts, seed: int, steps: int, cfg: float, sampl
     return images, rewards, ok
 
 
-def save_grid(path, before, after, prompts, n: int = 16, scale: int = 3):
+def save_grid(path, before, after, prompts, n: int = 24, cols: int = 4, scale: int = 3):
+    """Pairs (before | after) of the first ``n`` prompts, ``cols`` pairs per row, captions below."""
     from PIL import Image, ImageDraw
 
     n = min(n, len(prompts))
     cell = 32 * scale
-    label_h = 14
-    W, H = 2 * (cell + 8) + 8, n * (cell + label_h + 6) + 30
-    canvas = Image.new("RGB", (max(W, 420), H), (24, 24, 24))
+    pair_w, pair_h = 2 * cell + 6, cell + 30
+    rows = (n + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * (pair_w + 16) + 8, rows * (pair_h + 10) + 28), (24, 24, 24))
     d = ImageDraw.Draw(canvas)
-    d.text((8, 8), "before (base)", fill=(230, 230, 230))
-    d.text((cell + 16, 8), "after (PCPO LoRA)", fill=(230, 230, 230))
-    for i in range(n):
-        y = 30 + i * (cell + label_h + 6)
+    d.text((8, 8), "each pair: before (base model) | after (PCPO LoRA), same prompt and noise", fill=(230, 230, 230))
+    for k in range(n):
+        x0 = 8 + (k % cols) * (pair_w + 16)
+        y0 = 28 + (k // cols) * (pair_h + 10)
         for j, imgs in enumerate((before, after)):
-            arr = (imgs[i].clamp(0, 1).numpy() * 255).round().astype("uint8")
-            im = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
-            canvas.paste(im, (8 + j * (cell + 8), y))
-        d.text((2 * (cell + 8) + 8, y + cell // 2), prompts[i], fill=(200, 200, 200))
+            arr = (imgs[k].clamp(0, 1).numpy() * 255).round().astype("uint8")
+            canvas.paste(Image.fromarray(arr).resize((cell, cell), Image.NEAREST), (x0 + j * (cell + 6), y0))
+        words = prompts[k].replace(" background", "").split(" on ")
+        d.text((x0, y0 + cell + 3), words[0], fill=(210, 210, 210))
+        if len(words) > 1:
+            d.text((x0, y0 + cell + 15), "on " + words[1].replace("a ", "", 1) + " background", fill=(160, 160, 160))
     canvas.save(path)
 
 
