@@ -1,0 +1,34 @@
+"""PCPO Prompts: text box or a .txt from ComfyUI's input folder, seeded draws, encoding cache."""
+import pytest
+
+
+class CountingCLIP:
+    """A stand-in CLIP that records what it encodes (the node only needs tokenize + encode)."""
+
+    def __init__(self):
+        self.encoded = []
+
+    def tokenize(self, text):
+        return {"t": text}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        self.encoded.append(tokens["t"])
+        return [[tokens["t"], {}]]
+
+
+def test_prompt_file_from_input_folder_and_seeded_draws(pcpo, comfy_dirs):
+    (comfy_dirs["input"] / "train.txt").write_text("# a comment\na cat\n\na dog\na fox\n", encoding="utf-8")
+    node = pcpo.nodes["PCPOPrompts"]
+    assert "train.txt" in node.INPUT_TYPES()["required"]["prompt_file"][0]
+    assert node.VALIDATE_INPUTS(prompt_file="train.txt") is True
+    assert node.VALIDATE_INPUTS(prompt_file="../secret.txt") is not True
+    clip = CountingCLIP()
+    src = node().build(clip, "ignored", "train.txt", "ugly", 2, 7)[0]
+    assert src.prompts == ["a cat", "a dog", "a fox"]
+    d0, d1 = src.draw(0), src.draw(1)
+    assert len(d0) == 2 and set(d0) <= set(src.prompts) and src.draw(0) == d0
+    assert any(src.draw(i) != d0 for i in range(1, 6))  # iterations draw different prompts
+    src.encode("a cat"), src.encode("a cat")
+    assert clip.encoded == ["a cat"]  # encoded once, then cached
+    with pytest.raises(ValueError, match="no prompts"):
+        node().build(clip, "# only a comment\n", "(none)", "", 2, 0)
