@@ -30,14 +30,21 @@ def eps_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, abar_t, kind: str
     raise ValueError(f"unknown prediction kind {kind!r}; use 'eps', 'v' or 'x0'")
 
 
+def _per_sample(level, x: torch.Tensor):
+    """A (b,) tensor of per-sample sigmas / times reshaped to broadcast over x (b, ...)."""
+    if torch.is_tensor(level) and level.ndim == 1:
+        return level.reshape(-1, *([1] * (x.ndim - 1)))
+    return level
+
+
 def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
-    """ComfyUI sigma coordinates: eps_hat = (x - x0_hat) / sigma."""
-    return (x - denoised) / sigma
+    """ComfyUI sigma coordinates: eps_hat = (x - x0_hat) / sigma (sigma scalar or (b,))."""
+    return (x - denoised) / _per_sample(sigma, x)
 
 
 def velocity_from_denoised(x: torch.Tensor, denoised: torch.Tensor, t) -> torch.Tensor:
-    """Flow coordinates: v = (x - x0_hat) / t  (= noise - x0 for an exact prediction)."""
-    return (x - denoised) / t
+    """Flow coordinates: v = (x - x0_hat) / t  (= noise - x0 for an exact prediction; t scalar or (b,))."""
+    return (x - denoised) / _per_sample(t, x)
 
 
 # ----------------------------------------------------------------------------- diffusion

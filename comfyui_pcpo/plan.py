@@ -134,9 +134,9 @@ def step_mean(plan: StepPlan, i: int, x: torch.Tensor, pred: torch.Tensor) -> to
     return mu
 
 
-def prediction_from_denoised(plan: StepPlan, i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """ComfyUI models return the denoised x0; convert to the kernel's prediction (eps or v)."""
-    s = float(plan.sigmas[i])
+def prediction_from_denoised(plan: StepPlan, x: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
+    """ComfyUI models return the denoised x0; convert to the kernel's prediction (eps_hat for
+    diffusion, v for flow) at sigma / t (a scalar, or (b,) per sample)."""
     if plan.family == "diffusion":
-        return kernels.eps_from_denoised(x, denoised, s)
-    return kernels.velocity_from_denoised(x, denoised, s)
+        return kernels.eps_from_denoised(x, denoised, sigma)
+    return kernels.velocity_from_denoised(x, denoised, sigma)

@@ -8,7 +8,7 @@ micro-batch lies inside one group, so the host needs only that group's condition
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -50,23 +50,28 @@ def candidate_steps(traj: Trajectory) -> torch.Tensor:
     return keep if keep.numel() > 0 else steps
 
 
+def group_micro_batches(group_ids: torch.Tensor, size: int) -> dict[int, tuple]:
+    """{group id: chunks of at most ``size`` of its sample indices}; a chunk never crosses a group."""
+    group_ids = group_ids.cpu()
+    return {int(g): torch.nonzero(group_ids == g).flatten().split(size) for g in torch.unique(group_ids)}
+
+
 def micro_batches(group_ids: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Split sample indices into chunks of at most ``size`` that never cross a group."""
-    out = []
-    for g in torch.unique(group_ids):
-        idx = torch.nonzero(group_ids == g).flatten()
-        out.extend(idx.split(size))
-    return out
+    """All micro-batches of :func:`group_micro_batches`, group by group."""
+    return [mb for chunks in group_micro_batches(group_ids, size).values() for mb in chunks]
 
 
 class PCPOTrainer:
     """Owns the optimizer loop over one rollout batch.  ``params``: trainable tensors."""
 
-    def __init__(self, params, optimizer: torch.optim.Optimizer, config: PCPOConfig):
+    def __init__(self, params, optimizer: torch.optim.Optimizer, config: PCPOConfig,
+                 generator: Optional[torch.Generator] = None):
+        """``generator`` draws the trained timesteps; a host that keeps one per run passes it in,
+        otherwise one is seeded from ``config.seed``."""
         self.params = [p for p in params]
         self.optimizer = optimizer
         self.config = config.validate()
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
 
     def update(self, traj: Trajectory, rewards: torch.Tensor, predict: Optional[Predict] = None,
                run_group: Optional[Callable[[int, Callable[[Predict], None]], None]] = None,
@@ -92,9 +97,7 @@ class PCPOTrainer:
         objective = get_objective(cfg.objective)
         cand = candidate_steps(traj)
         keep = max(1, int(round(cfg.train_fraction * cand.numel())))
-        group_ids = traj.group_ids.cpu()
-        groups = [int(g) for g in torch.unique(group_ids)]
-        mbs = {g: torch.nonzero(group_ids == g).flatten().split(cfg.micro_batch) for g in groups}
+        mbs = group_micro_batches(traj.group_ids, cfg.micro_batch)
         plan = traj.plan
         w_native, w_loss, sig = plan.w_native.float(), plan.w_loss.float(), plan.sigmas.float()
         total_pairs = B * keep
@@ -134,7 +137,7 @@ class PCPOTrainer:
         grad_norm = 0.0
         for u in range(n_updates):
             self.optimizer.zero_grad(set_to_none=True)
-            for g in groups:
+            for g in mbs:
                 if run_group is not None:
                     run_group(g, work_for(g, u))
                 else:
@@ -156,11 +159,3 @@ class PCPOTrainer:
             "grad_norm": grad_norm, "first_update_log_ratio": st["first_lr"],
             "pairs": total_pairs, "objective": cfg.objective,
         }
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "config": asdict(self.config)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.generator.set_state(sd["generator"])

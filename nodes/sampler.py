@@ -12,7 +12,8 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from comfyui_pcpo.plan import FLOW_NOISE_RULES, VARIANTS, StepPlan, diffusion_plan, flow_plan
+from comfyui_pcpo.plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, diffusion_plan, flow_plan,
+                                prediction_from_denoised)
 from comfyui_pcpo.rollout import make_trajectory, rollout, transition
 from comfyui_pcpo.trajectory import Trajectory
 
@@ -150,8 +151,7 @@ class PCPOTrajectorySampler:
                 x0 = x_init.to(model.load_device)
 
                 def pred(x, s):
-                    den = predict(x, s)
-                    return (x - den) / s.reshape(-1, *([1] * (x.ndim - 1)))
+                    return prediction_from_denoised(plan, x, predict(x, s), s)
 
                 def ref(x, s):
                     with lora_multiplier(session.adapters, 0.0):
@@ -188,7 +188,7 @@ def pcpo_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     s_in = x.new_ones([x.shape[0]])
     for i in range(plan.num_steps):
         den = model(x, sigmas[i] * s_in, **extra_args)
-        pred = (x - den) / sigmas[i]
+        pred = prediction_from_denoised(plan, x, den, sigmas[i])
         noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": den})

@@ -159,13 +159,6 @@ class Session:
         return True
 
 
-def get_session(run_name: str) -> Session:
-    try:
-        return SESSIONS[run_name]
-    except KeyError:
-        raise ValueError(f"no live PCPO session {run_name!r}; run the PCPO LoRA node first") from None
-
-
 class PCPOLoRA:
     """MODEL -> MODEL with a trainable LoRA, plus the session handle the other PCPO nodes use."""
 

@@ -10,6 +10,7 @@ import comfy.model_management
 import comfy.utils
 
 from comfyui_pcpo.objectives import OBJECTIVES
+from comfyui_pcpo.plan import prediction_from_denoised
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer
 
 from .glue import clone_conditioning, interrupted, out_of_place_residuals, run_in_guider
@@ -86,8 +87,7 @@ class PCPOLoRAUpdate:
         cfg = PCPOConfig(objective=objective, clip_range=clip_range, adv_clip=advantage_clip,
                          train_fraction=train_fraction, micro_batch=micro_batch, grad_clip=grad_clip,
                          updates_per_rollout=updates_per_rollout, seed=0)
-        trainer = PCPOTrainer(session.params(), session.optimizer, cfg)
-        trainer.generator = session.generator
+        trainer = PCPOTrainer(session.params(), session.optimizer, cfg, generator=session.generator)
         model = session.model
         device = model.load_device
         traj = batch.traj
@@ -104,10 +104,8 @@ class PCPOLoRAUpdate:
 
             def fn(predict):
                 def pred(x, s, idx):
-                    x = x.to(device).clone()
-                    s = s.to(device)
-                    den = predict(x, s)
-                    return (x - den) / s.reshape(-1, *([1] * (x.ndim - 1)))
+                    x, s = x.to(device).clone(), s.to(device)
+                    return prediction_from_denoised(traj.plan, x, predict(x, s), s)
                 return work(pred)
 
             run_in_guider(model, clone_conditioning(pos), clone_conditioning(neg), batch.cfg,

@@ -135,3 +135,20 @@ def test_analytic_neg_log_ratio_equals_float64_logprob_difference_flow(rule, lev
         mu_new, _ = kernels.flow_sde_step(x, v_old + D, t, tn, sig[i])
         ref = _log_ratio_via_logprobs(mu_old, mu_new, std, noise)
         assert torch.allclose(neg_log_ratio(D, noise, w[i].expand(3)), ref, rtol=1e-9, atol=1e-13)
+
+
+def test_prediction_from_denoised_per_sample_sigma_closed_form():
+    """ComfyUI returns x0; with x = x0 + sigma eps (diffusion) or x = (1 - t) x0 + t n (flow) the
+    kernel predictions are eps and v = n - x0, per sample."""
+    from comfyui_pcpo import plan as P
+    g = torch.Generator().manual_seed(9)
+    x0, n = torch.randn(3, 4, 5, 5, generator=g, dtype=F64), torch.randn(3, 4, 5, 5, generator=g, dtype=F64)
+    sig = torch.tensor([0.3, 2.0, 14.6], dtype=F64)
+    dplan = P.diffusion_plan(torch.tensor([14.6, 2.0, 0.0], dtype=F64), eta=1.0, variant="native")
+    x = x0 + sig.reshape(-1, 1, 1, 1) * n
+    assert torch.allclose(P.prediction_from_denoised(dplan, x, x0, sig), n, atol=1e-12)
+    t = torch.tensor([0.2, 0.5, 1.0], dtype=F64)
+    fplan = P.flow_plan(torch.tensor([1.0, 0.5, 0.0], dtype=F64), "constant", 0.3)
+    xf = (1 - t.reshape(-1, 1, 1, 1)) * x0 + t.reshape(-1, 1, 1, 1) * n
+    assert torch.allclose(P.prediction_from_denoised(fplan, xf, x0, t), n - x0, atol=1e-12)
+    assert torch.allclose(P.prediction_from_denoised(dplan, x[:1], x0[:1], 0.3), n[:1], atol=1e-12)
