@@ -20,7 +20,7 @@ class Host:
     def __init__(self, threads: int = 1):
         torch.set_num_threads(threads)
         self.out = pathlib.Path(tempfile.mkdtemp(prefix="pcpo-bench-"))
-        self.execution, self.dirs, self.pack = run_demo.load_host(self.out)
+        self.dirs, self.pack = run_demo.load_host(self.out)
         import nodes
         self.N = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("PCPO")}
         self.model, self.clip, self.vae = self.pack["demo"].load_demo()

@@ -12,7 +12,6 @@ Flow models keep their sampler (rule ``constant`` eta or ``flow-grpo`` a); PCPO 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 

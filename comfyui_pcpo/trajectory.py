@@ -76,7 +76,6 @@ class Trajectory:
                           self.plan, list(self.prompts), dict(self.meta))
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
         tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in _TENSORS}
         md = {"plan": json.dumps(self.plan.to_dict()), "prompts": json.dumps(self.prompts),
               "meta": json.dumps(self.meta, default=str), "format": "pcpo-trajectory-1"}

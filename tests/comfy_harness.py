@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import importlib.util
-import inspect
 import os
 import pathlib
 import sys
@@ -92,22 +91,6 @@ class PromptError(RuntimeError):
         self.details = details
 
 
-class StubServer:
-    """The part of ``server.PromptServer`` the executor touches; records every message."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.messages: list = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-    def queue_updated(self):
-        pass
-
-
 @dataclass
 class PromptResult:
     prompt_id: str
@@ -145,26 +128,11 @@ def _unwrap(raw, class_type):
     return tuple(out)
 
 
-def _run(coro_or_value):
-    if inspect.isawaitable(coro_or_value):
-        return asyncio.run(coro_or_value)
-    return coro_or_value
-
-
-def executor_kwargs(execution) -> dict:
-    """PromptExecutor arguments for a classic cache: 0.3.7x needs cache_args, 0.3.6x has none."""
-    kw = {"cache_type": execution.CacheType.CLASSIC}
-    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
-        kw["cache_args"] = {"lru": 0, "ram": 0.0}
-    return kw
-
-
 def new_executor(fresh: bool = False):
     """A PromptExecutor with a stub server (shared between calls unless ``fresh``)."""
     load_comfy()
-    import execution
     if fresh or _STATE["executor"] is None:
-        ex = execution.PromptExecutor(StubServer(), **executor_kwargs(execution))
+        ex = host().new_executor()
         if fresh:
             return ex
         _STATE["executor"] = ex
@@ -174,14 +142,7 @@ def new_executor(fresh: bool = False):
 def validate_prompt(api_prompt: dict, prompt_id: str | None = None):
     """``execution.validate_prompt``: returns (ok, error, good_outputs, node_errors)."""
     load_comfy()
-    import execution
-    prompt_id = prompt_id or str(uuid.uuid4())
-    params = inspect.signature(execution.validate_prompt).parameters
-    if len(params) >= 3:
-        res = execution.validate_prompt(prompt_id, api_prompt, None)
-    else:  # older signature: validate_prompt(prompt)
-        res = execution.validate_prompt(api_prompt)
-    return _run(res)
+    return host().validate_prompt(api_prompt, prompt_id or str(uuid.uuid4()))
 
 
 def execute_prompt(api_prompt: dict, fresh: bool = True, extra_data: dict | None = None,

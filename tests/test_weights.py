@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from comfyui_pcpo import kernels, plan, schedules, weights
+from comfyui_pcpo import plan, schedules, weights
 
 F64 = torch.float64
 

@@ -404,6 +404,53 @@ def set_base_dirs(base: str | os.PathLike) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 
+# --------------------------------------------------------------------------- running prompts headless
+
+def run_maybe_async(value):
+    """Await ``value`` if it is a coroutine (several ComfyUI entry points became async in 0.3.4x)."""
+    import asyncio
+    import inspect
+    return asyncio.run(value) if inspect.isawaitable(value) else value
+
+
+class HeadlessServer:
+    """The part of ``server.PromptServer`` that ComfyUI's executor touches; records every message."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+def new_executor():
+    """An ``execution.PromptExecutor`` with a classic cache and a :class:`HeadlessServer`
+    (0.3.7x takes ``cache_args``, 0.3.6x does not)."""
+    import inspect
+
+    import execution
+    kw = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        kw["cache_args"] = {"lru": 0, "ram": 0.0}
+    return execution.PromptExecutor(HeadlessServer(), **kw)
+
+
+def validate_prompt(prompt: dict, prompt_id: str):
+    """``execution.validate_prompt`` across versions: (ok, error, outputs to execute, node errors)."""
+    import inspect
+
+    import execution
+    if len(inspect.signature(execution.validate_prompt).parameters) >= 3:
+        return run_maybe_async(execution.validate_prompt(prompt_id, prompt, None))
+    return run_maybe_async(execution.validate_prompt(prompt))  # older signature: validate_prompt(prompt)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -13,9 +13,7 @@ at the end): the LoRA, a before/after image grid, a reward-curve plot and summar
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
-import inspect
 import json
 import logging
 import os
@@ -33,61 +31,37 @@ WORKFLOW = ROOT / "workflows" / "api" / "demo_tiny_pcpo.json"
 PACK_NAME = "comfyui-pcpo"
 
 
-class _Server:
-    """What ComfyUI's executor needs of a server when run headless."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.errors: list = []
-
-    def send_sync(self, event, data, sid=None):
-        if event == "execution_error":
-            self.errors.append(data)
-
-    def queue_updated(self):
-        pass
-
-
-def _run(x):
-    return asyncio.run(x) if inspect.isawaitable(x) else x
-
-
 def load_host(out: pathlib.Path):
     """Import ComfyUI, point its folders into ``out`` and load this repository as a custom node pack."""
     comfy_dir = host.ensure_comfyui()
     host.prepare_import(comfy_dir)
     dirs = host.set_base_dirs(out / "comfyui")
-    import execution
     import nodes
     logging.getLogger().setLevel(logging.ERROR)  # keep ComfyUI's start-up chatter out of the demo output
-    _run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    host.run_maybe_async(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     custom = out / "custom_nodes"
     custom.mkdir(parents=True, exist_ok=True)
     link = custom / PACK_NAME
     if link.is_symlink() or link.exists():
         link.unlink()
     os.symlink(ROOT, link, target_is_directory=True)
-    if not _run(nodes.load_custom_node(str(link))):
+    if not host.run_maybe_async(nodes.load_custom_node(str(link))):
         raise RuntimeError("ComfyUI could not load the comfyui-pcpo node pack (see the log above)")
     pack = {k.rsplit(".", 1)[-1]: m for k, m in sys.modules.items()
             if k.endswith((f"{PACK_NAME}.nodes.session", f"{PACK_NAME}.nodes.demo", f"{PACK_NAME}.nodes.sampler"))}
-    return execution, dirs, pack
+    return dirs, pack
 
 
-def execute(execution, executor, prompt: dict, extra_data: dict) -> None:
+def execute(executor, prompt: dict, extra_data: dict) -> None:
     prompt_id = str(uuid.uuid4())
-    if len(inspect.signature(execution.validate_prompt).parameters) >= 3:
-        valid = _run(execution.validate_prompt(prompt_id, prompt, None))
-    else:
-        valid = _run(execution.validate_prompt(prompt))
+    valid = host.validate_prompt(prompt, prompt_id)
     if not valid[0]:
         raise RuntimeError(f"the demo workflow failed validation: {valid[1]} {valid[3]}")
-    executor.server.errors = []
+    executor.server.messages = []
     executor.execute(copy.deepcopy(prompt), prompt_id, copy.deepcopy(extra_data), valid[2])
     if not executor.success:
-        err = executor.server.errors[-1] if executor.server.errors else {}
+        errors = [d for ev, d in executor.server.messages if ev == "execution_error"]
+        err = errors[-1] if errors else {}
         raise RuntimeError(f"the demo workflow failed in node {err.get('node_type')}: {err.get('exception_message')}")
 
 
@@ -198,7 +172,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    execution, dirs, pack = load_host(out)
+    dirs, pack = load_host(out)
     session_mod, demo_mod, sampler_mod = pack["session"], pack["demo"], pack["sampler"]
     print(f"ComfyUI loaded with the comfyui-pcpo pack ({time.time() - t_start:.1f} s)", flush=True)
 
@@ -220,10 +194,7 @@ def main(argv=None) -> int:
     shutil.rmtree(os.path.join(dirs["output"], "pcpo", run_name), ignore_errors=True)  # a fresh run
     session_mod.SESSIONS.pop(run_name, None)
 
-    kw = {"cache_type": execution.CacheType.CLASSIC}
-    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:  # 0.3.7x
-        kw["cache_args"] = {"lru": 0, "ram": 0.0}
-    executor = execution.PromptExecutor(_Server(), **kw)
+    executor = host.new_executor()
     inp = prompt[upd]["inputs"]
     print(f"training: {args.iterations} iterations x {prompt[prompts_node]['inputs']['prompts_per_iteration']} prompts x "
           f"{prompt[samp_node]['inputs']['group_size']} samples, objective {inp['objective']}", flush=True)
@@ -233,7 +204,7 @@ def main(argv=None) -> int:
     loop = {"extra_pnginfo": {"pcpo_loop": {"run": run_name, "target": args.iterations}}}
     for it in range(args.iterations):
         t0 = time.time()
-        execute(execution, executor, prompt, {} if it == 0 else loop)
+        execute(executor, prompt, {} if it == 0 else loop)
         h = session_mod.SESSIONS[run_name].history[-1]
         print(f"iter {h['iteration']:3d}/{args.iterations}  reward {h['reward_mean']:.3f} ± {h['reward_std']:.3f}  "
               f"clip fraction {h['clip_fraction']:.3f}  kl {h['approx_kl']:.1e}  ({time.time() - t0:.1f} s)", flush=True)
