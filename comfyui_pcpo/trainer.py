@@ -2,8 +2,10 @@
 
 The host supplies ``predict(x_t, sigma, sample_idx) -> pred`` returning the guidance-combined
 prediction (eps_hat for diffusion, v for flow) of the CURRENT policy with grad, for latents
-x_t (b, *L), per-sample sigma / t (b,) float and the trajectory's sample indices (b,).  Every
-micro-batch lies inside one group, so the host needs only that group's conditioning.
+x_t (b, *L), sigma / t (b,) float and the trajectory's sample indices (b,).  Every micro-batch
+lies inside one group (the host needs only that group's conditioning) and at one step (every row
+has the same sigma: hosts such as ComfyUI read the first row's timestep for timestep-ranged
+conditioning, ControlNet ranges and hooks).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class PCPOConfig:
     adv_clip: float = 5.0
     train_fraction: float = 1.0       # share of the trainable steps (last step excluded) kept per sample
     micro_batch: int = 4
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0            # max gradient norm; 0 = no clipping
     updates_per_rollout: int = 2
     seed: int = 0
 
@@ -39,6 +41,8 @@ class PCPOConfig:
             raise ValueError("micro_batch and updates_per_rollout must be >= 1")
         if self.clip_range <= 0:
             raise ValueError("clip_range (xi) must be > 0")
+        if self.grad_clip < 0:
+            raise ValueError("grad_clip must be >= 0 (0 = no clipping)")
         return self
 
 
@@ -73,6 +77,15 @@ class PCPOTrainer:
         self.config = config.validate()
         self.generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
 
+    def _clip_gradients(self) -> float:
+        """Total gradient norm before clipping; clipped to ``grad_clip`` unless that is 0 (off)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        if self.config.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
     def update(self, traj: Trajectory, rewards: torch.Tensor, predict: Optional[Predict] = None,
                run_group: Optional[Callable[[int, Callable[[Predict], None]], None]] = None,
                on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
@@ -105,15 +118,17 @@ class PCPOTrainer:
         total_calls = n_updates * keep * sum(len(v) for v in mbs.values())
         st = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "log_approx_error": 0.0,
               "first_lr": 0.0, "done": 0, "clip_sum": torch.zeros(S), "pair_cnt": torch.zeros(S)}
-        # per-sample random subset of the candidate steps, in random order (same for every update)
-        perm = torch.stack([cand[torch.randperm(cand.numel(), generator=self.generator)[:keep]] for _ in range(B)])
+        # per micro-batch a random subset of the candidate steps in random order (same for every
+        # update): all rows of one forward pass share its step
+        perm = {(g, c): cand[torch.randperm(cand.numel(), generator=self.generator)[:keep]]
+                for g, chunks in mbs.items() for c in range(len(chunks))}
         dev = traj.latents.device
 
         def work_for(g: int, u: int):
             def work(pred_fn: Predict) -> None:
-                for mb in mbs[g]:
+                for c, mb in enumerate(mbs[g]):
                     for j in range(keep):
-                        steps = perm[mb, j]
+                        steps = perm[(g, c)][j].expand(mb.numel())
                         rows, cols = mb.to(dev), steps.to(dev)
                         pred_new = pred_fn(traj.latents[rows, cols], sig[steps], mb)
                         inp = ObjectiveInputs(adv.values[mb].to(pred_new.device), pred_new,
@@ -142,8 +157,7 @@ class PCPOTrainer:
                     run_group(g, work_for(g, u))
                 else:
                     work_for(g, u)(predict)
-            has_grad = any(p.grad is not None for p in self.params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)) if has_grad else 0.0
+            grad_norm = self._clip_gradients()
             if not math.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise FloatingPointError("non-finite gradient norm; lower the learning rate or check the model dtype")

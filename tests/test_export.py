@@ -335,7 +335,7 @@ def test_safe_output_path_accepts_and_blocks_symlink_escape(tmp_path):
 
 
 def _tmp_files(folder):
-    return [p for p in os.listdir(folder) if p.startswith(".tmp-")]
+    return [p for p in os.listdir(folder) if p.startswith(".")]
 
 
 def test_write_lora_atomic(tmp_path, monkeypatch):
@@ -361,6 +361,12 @@ def test_write_lora_atomic(tmp_path, monkeypatch):
     assert torch.equal(load_file(path)["a.lora_down.weight"], first["a.lora_down.weight"])
     with pytest.raises(TypeError):
         E.write_lora(path, first, {"steps": 3})
+    # a temp file left by a killed writer is hidden, never has a model extension, and the next
+    # successful write of the same file removes it
+    stale = tmp_path / "sub" / ".l.safetensors.abc123.partial"
+    stale.write_bytes(b"killed mid-write")
+    E.write_lora(path, first, {"k": "v"})
+    assert _tmp_files(tmp_path / "sub") == [] and os.listdir(tmp_path / "sub") == ["l.safetensors"]
 
 
 def test_lora_metadata_keys():

@@ -101,3 +101,57 @@ def test_training_raises_reward_compared_with_lr_zero(objective, kind):
         gains.append(trained - frozen)
         assert first["first_update_log_ratio"] == 0.0  # first update starts exactly on-policy
     assert min(gains) > 0.05, gains
+
+
+def test_every_forward_pass_is_at_one_step_and_the_pass_count_is_unchanged():
+    """All rows of a micro-batch share a step (hosts read the first row's timestep), micro-batches
+    never cross groups, and the number of forward passes is updates x chunks x kept steps."""
+    net = ToyDenoiser(2)
+    traj, xf = _rollout(net, _plan("diffusion"), groups=3, G=4)
+    calls = []
+
+    def predict(x, s, idx):
+        calls.append((s.clone(), idx.clone()))
+        return net(x, s)
+
+    opt = torch.optim.SGD(net.lora.parameters(), lr=1e-3)
+    cfg = PCPOConfig(micro_batch=3, train_fraction=0.6, updates_per_rollout=2)
+    PCPOTrainer(net.lora.parameters(), opt, cfg).update(traj, xf.flatten(1).mean(1), predict)
+    keep = round(0.6 * candidate_steps(traj).numel())  # 3 of the 5 trainable steps
+    chunks = 3 * 2  # 3 groups of 4 in micro-batches of at most 3
+    assert len(calls) == 2 * chunks * keep
+    for s, idx in calls:
+        assert len(set(s.tolist())) == 1, s
+        assert len(set(traj.group_ids[idx].tolist())) == 1
+    # each sample is trained at `keep` distinct steps in each update, the same ones in both
+    first = {}
+    for s, idx in calls[: len(calls) // 2]:
+        for i in idx.tolist():
+            first.setdefault(i, []).append(float(s[0]))
+    assert sorted(first) == list(range(12)) and all(len(set(v)) == keep for v in first.values())
+    second = {}
+    for s, idx in calls[len(calls) // 2:]:
+        for i in idx.tolist():
+            second.setdefault(i, []).append(float(s[0]))
+    assert second == first
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.02])
+def test_grad_clip_zero_means_no_clipping(grad_clip):
+    """Plain SGD (lr 1, one step): the parameter change is the gradient, clipped to grad_clip unless
+    grad_clip is 0."""
+    net = ToyDenoiser(4)
+    traj, xf = _rollout(net, _plan("diffusion"), groups=2, G=4)
+    with torch.no_grad():
+        net.lora.up.normal_(0, 0.1)
+    before = [p.detach().clone() for p in net.lora.parameters()]
+    opt = torch.optim.SGD(net.lora.parameters(), lr=1.0)
+    cfg = PCPOConfig(objective="ddpo", micro_batch=4, updates_per_rollout=1, grad_clip=grad_clip)
+    stats = PCPOTrainer(net.lora.parameters(), opt, cfg).update(traj, xf.flatten(1).mean(1),
+                                                                 lambda x, s, idx: net(x, s))
+    moved = float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(net.lora.parameters(), before))))
+    assert stats["grad_norm"] > 0.02  # the clip bound below is active
+    expected = stats["grad_norm"] if grad_clip == 0 else grad_clip
+    assert moved == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="grad_clip"):
+        PCPOConfig(grad_clip=-1.0).validate()
