@@ -1,0 +1,316 @@
+"""The re-queue loop (nodes/loop.py) against a real ComfyUI server (main.py in a subprocess).
+
+One server runs every scenario (a run name each), with our pack, the tiny stand-in pack and a probe
+pack written here: a probe node that runs after the Export node (it takes the export's path), logs
+what it sees (the loop marker, the sensitive API key, the time), and can fail, or wait for a Cancel,
+on a chosen call.
+
+* one POST with iterations_per_queue=3 runs 3 prompts, every one carrying the submitter's client id,
+  its other extra_data keys and its sensitive part; each re-queue is made only after the previous
+  prompt's Export (and the probe after it) ran;
+* a node error after the update (the Export, or the probe) ends the loop: nothing more is queued;
+* Cancel (POST /interrupt) while a node after the update runs ends the loop, whether that node stops
+  (the prompt fails) or ignores the interrupt (the prompt still succeeds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from test_workflows import (REPO_ROOT, TINY_PACK, WORKFLOWS, _free_port, _node_id, _read, _safetensors_metadata,
+                            _Server, _stop, _wait_ready, shrink)
+
+CLIENT_ID = "pcpo-loop-client"
+API_KEY = "pcpo-test-not-a-key"
+
+PROBE_PACK = textwrap.dedent('''\
+    """Test-only probe node for tests/test_loop.py."""
+    import json, os, time
+
+    import comfy.model_management as mm
+
+
+    class PCPOLoopProbe:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {
+                        "after": ("STRING", {"forceInput": True}),
+                        "log_path": ("STRING", {"default": ""}),
+                        "sleep_s": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0}),
+                        "fail_on_call": ("INT", {"default": 0, "min": 0, "max": 100}),
+                        "wait_on_call": ("INT", {"default": 0, "min": 0, "max": 100}),
+                        "ignore_interrupt": ("BOOLEAN", {"default": False})},
+                    "hidden": {"extra_pnginfo": "EXTRA_PNGINFO", "api_key": "API_KEY_COMFY_ORG"}}
+
+        RETURN_TYPES = ()
+        OUTPUT_NODE = True
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        @classmethod
+        def IS_CHANGED(cls, **kw):
+            return float("nan")
+
+        def run(self, after, log_path, sleep_s, fail_on_call, wait_on_call, ignore_interrupt,
+                extra_pnginfo=None, api_key=None):
+            calls = 1
+            if os.path.exists(log_path):
+                with open(log_path) as f:
+                    calls += sum(1 for _ in f)
+            try:
+                from comfy_execution.utils import get_executing_context
+                prompt_id = get_executing_context().prompt_id
+            except Exception:
+                prompt_id = None
+            rec = {"call": calls, "start": time.time(), "prompt_id": prompt_id, "export": after,
+                   "export_mtime": os.path.getmtime(after),
+                   "marker": (extra_pnginfo or {}).get("pcpo_loop"),
+                   "workflow": (extra_pnginfo or {}).get("workflow"), "api_key": api_key}
+            if sleep_s:
+                time.sleep(sleep_s)
+            if calls == wait_on_call:
+                open(log_path + ".waiting", "w").close()
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    if ignore_interrupt:
+                        if mm.processing_interrupted():
+                            break  # seen, not consumed: the prompt goes on and succeeds
+                    else:
+                        mm.throw_exception_if_processing_interrupted()
+                    time.sleep(0.02)
+            rec["end"] = time.time()
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\\n")
+            if calls == fail_on_call:
+                raise RuntimeError("probe failure on purpose")
+            return {}
+
+
+    NODE_CLASS_MAPPINGS = {"PCPOLoopProbe": PCPOLoopProbe}
+''')
+
+
+@pytest.fixture(scope="module")
+def server(comfy, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop_server")
+    comfy_dir = pathlib.Path(comfy.load_comfy())
+    base = tmp / "comfy_base"
+    custom = base / "custom_nodes"
+    custom.mkdir(parents=True)
+    os.symlink(REPO_ROOT, custom / "comfyui-pcpo", target_is_directory=True)
+    os.symlink(TINY_PACK, custom / "pcpo_tiny_pack", target_is_directory=True)
+    (custom / "pcpo_loop_probe").mkdir()
+    (custom / "pcpo_loop_probe" / "__init__.py").write_text(PROBE_PACK)
+    port = _free_port()
+    # ComfyUI's main.py run by tools/comfyui_host.py (import shims first), as in test_workflows
+    args = [sys.executable, str(REPO_ROOT / "tools" / "comfyui_host.py"), "serve", "--",
+            "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
+            "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PCPO_COMFYUI_NO_INSTALL="1",
+               PYTHONUNBUFFERED="1", PCPO_COMFYUI_DIR=str(comfy_dir))
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, cwd=str(comfy_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    srv = _Server(proc, f"http://127.0.0.1:{port}", log_path)
+    srv.base = base
+    srv.tmp = tmp
+    try:
+        _wait_ready(srv)
+        for node in ("PCPOLoRAUpdate", "PCPOTestCheckpointLoader", "PCPOLoopProbe"):
+            assert node in srv.get(f"/object_info/{node}"), f"{node} did not load:\n{srv.log_tail()}"
+        yield srv
+    finally:
+        _stop(srv)
+
+
+API = _read(WORKFLOWS / "api" / "pcpo_sd15_jpeg_compressibility.json")
+
+
+def _prompt(srv, run: str, iterations: int, **probe) -> tuple[dict, pathlib.Path]:
+    p = shrink(API, "sd15", run, iterations_per_queue=iterations)
+    log_path = srv.tmp / f"{run}.probe.jsonl"
+    export_id = _node_id(p, "PCPOExportLoRA")
+    p["100"] = {"class_type": "PCPOLoopProbe", "inputs": {
+        "after": [export_id, 0], "log_path": str(log_path), "sleep_s": probe.get("sleep_s", 0.0),
+        "fail_on_call": probe.get("fail_on_call", 0), "wait_on_call": probe.get("wait_on_call", 0),
+        "ignore_interrupt": probe.get("ignore_interrupt", False)}}
+    return p, log_path
+
+
+def _post(srv, prompt: dict, extra: dict | None = None) -> str:
+    extra_data = {"extra_pnginfo": {"workflow": {"from": "the test"}}, "pcpo_test_key": "kept",
+                  "api_key_comfy_org": API_KEY}
+    extra_data.update(extra or {})
+    res = srv.post("/prompt", {"prompt": prompt, "client_id": CLIENT_ID, "extra_data": extra_data})
+    assert not res.get("node_errors"), res
+    return res["prompt_id"]
+
+
+def _run_of(entry: dict):
+    prompt = entry["prompt"][2]
+    for node in prompt.values():
+        if node["class_type"] == "PCPOLoRA":
+            return node["inputs"]["run_name"]
+    return None
+
+
+def _wait_idle(srv, run: str, count: int, timeout: float, settle: float = 2.0) -> list:
+    """Wait until ``count`` prompts of ``run`` are in the history and the queue is empty, then ``settle``
+    seconds more (a late re-queue would show up); returns the run's history entries in queue order."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if srv.proc.poll() is not None:
+            raise AssertionError(f"ComfyUI exited with {srv.proc.returncode}:\n{srv.log_tail()}")
+        entries = [h for h in srv.get("/history").values() if _run_of(h) == run]
+        queue = srv.get("/queue")
+        if len(entries) >= count and not queue["queue_running"] and not queue["queue_pending"]:
+            break
+        time.sleep(0.25)
+    else:
+        raise AssertionError(f"{count} prompts of {run} expected within {timeout:.0f} s:\n{srv.log_tail()}")
+    time.sleep(settle)
+    queue = srv.get("/queue")
+    assert not queue["queue_running"] and not queue["queue_pending"], "a prompt was queued after the loop ended"
+    entries = [h for h in srv.get("/history").values() if _run_of(h) == run]
+    return sorted(entries, key=lambda h: h["prompt"][0])
+
+
+def _probe_log(path: pathlib.Path) -> list:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _status(entry: dict) -> tuple[str, list]:
+    st = entry.get("status") or {}
+    return st.get("status_str"), [m[0] for m in st.get("messages", [])]
+
+
+def _messages(entry: dict, kind: str) -> list:
+    return [m[1] for m in (entry.get("status") or {}).get("messages", []) if m[0] == kind]
+
+
+def _ckpt_iteration(srv, run: str) -> int:
+    ckpt = srv.base / "output" / "pcpo" / run / "checkpoint.safetensors"
+    return int(_safetensors_metadata(ckpt)["iteration"])
+
+
+# --------------------------------------------------------------------------- (a), (b)
+
+def test_one_post_runs_three_iterations_with_the_submitters_extra_data(server):
+    run = f"loop_{uuid.uuid4().hex[:8]}"
+    prompt, probe_log = _prompt(server, run, 3, sleep_s=0.5)
+    first_id = _post(server, prompt)
+    entries = _wait_idle(server, run, 3, timeout=120)
+
+    assert len(entries) == 3, "one POST must run exactly iterations_per_queue=3 prompts"
+    assert entries[0]["prompt"][1] == first_id
+    assert _ckpt_iteration(server, run) == 3
+    update_id = _node_id(prompt, "PCPOLoRAUpdate")
+    assert [h["outputs"][update_id]["text"][0].split(":")[0] for h in entries] == ["iter 1", "iter 2", "iter 3"]
+    for i, h in enumerate(entries):
+        assert _status(h)[0] == "success", h["status"]
+        number, pid, queued, extra, outputs = h["prompt"][:5]
+        assert extra["client_id"] == CLIENT_ID, "progress of a re-queued prompt goes to the submitter"
+        assert extra["pcpo_test_key"] == "kept"
+        assert extra["extra_pnginfo"]["workflow"] == {"from": "the test"}
+        assert "api_key_comfy_org" not in extra, "the sensitive part never reaches the history"
+        assert set(queued) == set(prompt) and all(set(n) <= {"inputs", "class_type", "_meta"} for n in queued.values())
+        marker = extra["extra_pnginfo"].get("pcpo_loop")
+        if i == 0:
+            assert marker is None
+        else:
+            assert marker["run"] == run and marker["target"] == 3, marker
+            uuid.UUID(pid)  # a canonical UUID, as newer servers require of client ids
+            assert str(uuid.UUID(pid)) == pid
+            assert number > entries[i - 1]["prompt"][0]
+
+    calls = _probe_log(probe_log)
+    assert [c["call"] for c in calls] == [1, 2, 3]
+    assert [c["prompt_id"] for c in calls] == [h["prompt"][1] for h in entries]
+    assert all(c["api_key"] == API_KEY for c in calls), "the submitter's sensitive extra_data is kept"
+    assert [c["marker"] and c["marker"]["target"] for c in calls] == [None, 3, 3]
+
+    # (b) each re-queue is made after the previous prompt ran to its end: its Export wrote the LoRA and
+    # the probe after the Export (which sleeps 0.5 s) finished before the next prompt was queued
+    for prev, nxt, h_prev, h_next in zip(calls, calls[1:], entries, entries[1:]):
+        queued_ms = h_next["prompt"][3]["create_time"]
+        assert queued_ms >= prev["end"] * 1000 - 1, (queued_ms, prev)
+        assert queued_ms >= prev["export_mtime"] * 1000 - 1
+        done_ms = _messages(h_prev, "execution_success")[0]["timestamp"]
+        assert queued_ms >= done_ms - 1, "re-queued before the previous prompt finished"
+        assert nxt["export_mtime"] > prev["export_mtime"]
+
+
+# --------------------------------------------------------------------------- (c)
+
+@pytest.mark.parametrize("where", ["export", "probe"])
+def test_a_node_error_after_the_update_ends_the_loop(server, where):
+    run = f"loop_err_{where}_{uuid.uuid4().hex[:8]}"
+    prompt, probe_log = _prompt(server, run, 3, fail_on_call=2 if where == "probe" else 0)
+    if where == "export":  # a file where the export's folder must go: the export fails in iteration 1
+        blocker = server.base / "models" / "loras" / f"block_{run}"
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("not a folder")
+        prompt[_node_id(prompt, "PCPOExportLoRA")]["inputs"]["filename"] = f"block_{run}/{run}"
+    _post(server, prompt)
+    expected = 1 if where == "export" else 2
+    entries = _wait_idle(server, run, expected, timeout=90)
+
+    assert len(entries) == expected, [_status(h) for h in entries]
+    status, kinds = _status(entries[-1])
+    assert status == "error" and "execution_error" in kinds
+    failed = _messages(entries[-1], "execution_error")[0]["node_type"]
+    assert failed == ("PCPOExportLoRA" if where == "export" else "PCPOLoopProbe")
+    assert all(_status(h)[0] == "success" for h in entries[:-1])
+    assert _ckpt_iteration(server, run) == expected, "the update ran, only the loop stopped"
+    assert len(_probe_log(probe_log)) == expected - (1 if where == "export" else 0)
+
+
+# --------------------------------------------------------------------------- (d)
+
+@pytest.mark.parametrize("ignore_interrupt", [False, True], ids=["node_stops", "node_ignores"])
+def test_cancel_during_an_iteration_ends_the_loop(server, ignore_interrupt):
+    run = f"loop_cancel_{uuid.uuid4().hex[:8]}"
+    prompt, probe_log = _prompt(server, run, 3, wait_on_call=2, ignore_interrupt=ignore_interrupt)
+    _post(server, prompt)
+    waiting = pathlib.Path(str(probe_log) + ".waiting")
+    deadline = time.monotonic() + 90
+    while not waiting.exists():
+        assert time.monotonic() < deadline, f"iteration 2 never reached the probe:\n{server.log_tail()}"
+        assert server.proc.poll() is None, server.log_tail()
+        time.sleep(0.1)
+    server.post("/interrupt", {})
+    entries = _wait_idle(server, run, 2, timeout=60)
+
+    assert len(entries) == 2, "Cancel must end the loop: nothing is queued after the cancelled prompt"
+    status, kinds = _status(entries[-1])
+    if ignore_interrupt:  # the prompt ran to its end, yet the Cancel during it ends the loop
+        assert status == "success", kinds
+    else:
+        assert status == "error" and "execution_interrupted" in kinds, kinds
+    assert _ckpt_iteration(server, run) == 2
+    assert len(_probe_log(probe_log)) == (2 if ignore_interrupt else 1)
+
+
+# --------------------------------------------------------------------------- without a server
+
+def test_no_server_means_no_requeue_and_markers_round_trip(comfy, pcpo):
+    loop = pcpo.mod("nodes.loop")
+    assert loop.requeue({"1": {"class_type": "X", "inputs": {}}}, {}, "r", 3, note="x") is False
+    info = {"workflow": {}, loop.LOOP_KEY: {"run": "r", "target": 5, "started_at": 2}}
+    assert loop.loop_target(info, "r") == 5 and loop.loop_target(info, "other") is None
+    assert loop.loop_marker(info, "r") == {"run": "r", "target": 5, "started_at": 2}
+    assert loop.loop_marker(None, "r") is None and loop.loop_target({}, "r") is None
+    two = {loop.LOOP_KEY: loop._marker_info({"a": {"run": "a", "target": 2}, "b": {"run": "b", "target": 7}})}
+    assert loop.loop_target(two, "a") == 2 and loop.loop_target(two, "b") == 7
+    assert loop.loop_marker(two, "a") == {"run": "a", "target": 2}
