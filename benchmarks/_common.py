@@ -1,5 +1,8 @@
 """Shared set-up for the benchmarks: a real ComfyUI with this pack loaded, the demo model, and a
-function running one PCPO iteration through the node classes (the shipped workflow's code path)."""
+function running one PCPO iteration through the node classes (the shipped workflow's code path).
+
+ComfyUI is loaded the one way the repository loads it, ``tools/comfyui_host.py`` (through
+``tools/run_demo.load_host``): the cached 0.3.75 or the tree ``$PCPO_COMFYUI_DIR`` names."""
 from __future__ import annotations
 
 import json
@@ -20,7 +23,7 @@ class Host:
     def __init__(self, threads: int = 1):
         torch.set_num_threads(threads)
         self.out = pathlib.Path(tempfile.mkdtemp(prefix="pcpo-bench-"))
-        self.dirs, self.pack = run_demo.load_host(self.out)
+        self.dirs, self.pack = run_demo.load_host(self.out)  # prints "ComfyUI <version> at <path>"
         import nodes
         self.N = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("PCPO")}
         self.model, self.clip, self.vae = self.pack["demo"].load_demo()

@@ -2,7 +2,8 @@
 
 Fixtures
 --------
-comfy       (session) loads ComfyUI 0.3.75 in-process once (``comfy_harness.load_comfy``),
+comfy       (session) loads ComfyUI in-process once (``comfy_harness.load_comfy``: the tree
+            ``$PCPO_COMFYUI_DIR`` of any version, or the cached 0.3.75 that CI runs),
             redirects its output/input/temp/user/loras folders to a session temp folder, and
             returns the ``comfy_harness`` module (``execute_prompt``, ``load_pack``, ...).
 tiny        (session) the ``tiny_models`` module (needs ``comfy``).
@@ -25,6 +26,14 @@ REPO_ROOT = TESTS_DIR.parent
 for _p in (str(TESTS_DIR), str(REPO_ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+
+def pytest_report_header(config):
+    """Name the ComfyUI the suite runs against (without fetching it)."""
+    import comfy_harness
+    h = comfy_harness.host()
+    tree = h.default_comfyui_dir()
+    return h.describe(tree) if h.comfyui_version(tree) else f"ComfyUI {h.COMFYUI_VERSION} at {tree} (not fetched yet)"
 
 
 def _snapshot_dirs():

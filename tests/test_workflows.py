@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 import uuid
@@ -263,25 +262,6 @@ def test_workflow_runs_end_to_end_and_the_second_queue_continues_the_run(host, c
 
 # --------------------------------------------------------------------------- a real server
 
-LAUNCHER = textwrap.dedent('''\
-    """Run ComfyUI's main.py with the torchvision shim of tools/comfyui_host.py (test launcher)."""
-    import os, runpy, sys
-    comfy_dir, repo, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-    sys.argv = [os.path.join(comfy_dir, "main.py")] + argv
-    sys.path.insert(0, comfy_dir)
-    import comfy.options
-    comfy.options.enable_args_parsing()   # before prepare_import imports comfy.cli_args
-    sys.path.insert(0, os.path.join(repo, "tools"))
-    import comfyui_host
-    comfyui_host.prepare_import(comfy_dir)
-    sys.path.remove(os.path.join(repo, "tools"))
-    import torch
-    torch.set_num_threads(1)
-    os.chdir(comfy_dir)
-    runpy.run_path(os.path.join(comfy_dir, "main.py"), run_name="__main__")
-''')
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -318,14 +298,13 @@ def _start_server(tmp_path: pathlib.Path, comfy_dir: pathlib.Path) -> _Server:
     custom.mkdir(parents=True)
     os.symlink(REPO_ROOT, custom / "comfyui-pcpo", target_is_directory=True)
     os.symlink(TINY_PACK, custom / "pcpo_tiny_pack", target_is_directory=True)
-    launcher = tmp_path / "launch_comfyui.py"
-    launcher.write_text(LAUNCHER)
     port = _free_port()
-    args = [sys.executable, str(launcher), str(comfy_dir), str(REPO_ROOT),
+    # ComfyUI's main.py run by tools/comfyui_host.py (torchvision/torchaudio shims first)
+    args = [sys.executable, str(REPO_ROOT / "tools" / "comfyui_host.py"), "serve", "--",
             "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
             "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PCPO_COMFYUI_NO_INSTALL="1",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", PCPO_COMFYUI_DIR=str(comfy_dir))
     log_path = tmp_path / "server.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(args, cwd=str(comfy_dir), stdout=log, stderr=subprocess.STDOUT, env=env,

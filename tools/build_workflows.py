@@ -5,9 +5,9 @@
     python tools/build_workflows.py            # (re)write workflows/*.json and workflows/api/*.json
     python tools/build_workflows.py --check    # exit 1 if a shipped file differs from the generator
 
-The script runs a real ComfyUI 0.3.75 in-process (``tests/comfy_harness.load_comfy``; the tree is
-fetched/installed by ``tools/comfyui_host.py`` when missing) and loads this repository as a custom
-node pack through ComfyUI's own loader (``tests/pcpo_pack.load``).  Every node's widget order is
+The script runs a real ComfyUI in-process (``tools/comfyui_host.py``: the cached 0.3.75, fetched and
+installed when missing, or ``$PCPO_COMFYUI_DIR``) and loads this repository as a custom node pack
+through ComfyUI's own loader (``comfyui_host.load_pack_folder``).  Every node's widget order is
 read from its live ``INPUT_TYPES`` (required then optional, widget types only: INT, FLOAT, STRING,
 BOOLEAN, combo lists), so ``widgets_values`` always match what the frontend expects, including the
 extra ``control_after_generate`` value the frontend stores right after an INT input named ``seed``
@@ -569,17 +569,23 @@ def render_all(defs: Callable[[str], NodeDef] | None = None) -> dict:
     return files
 
 
+def _host():
+    """``tools/comfyui_host.py`` (this script's folder is on sys.path when run, not when imported)."""
+    here = str(pathlib.Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import comfyui_host
+    return comfyui_host
+
+
 def load_host() -> None:
     """ComfyUI in-process + this repository loaded as a custom node pack."""
-    tests = str(REPO_ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import comfy_harness
-    import pcpo_pack
-    comfy_harness.load_comfy()
+    host = _host()
+    host.load()
     # an empty input folder: PCPO Prompts' file list (and nothing is written into ComfyUI's tree)
-    comfy_harness.set_base_dirs(tempfile.mkdtemp(prefix="pcpo-build-workflows-"))
-    pack = pcpo_pack.load(comfy_harness)
+    base = pathlib.Path(tempfile.mkdtemp(prefix="pcpo-build-workflows-"))
+    host.set_base_dirs(base)
+    pack = host.load_pack_folder(REPO_ROOT, base / "custom_nodes", "comfyui-pcpo")
     if not pack.ok:
         raise RuntimeError("the comfyui-pcpo pack failed to load into ComfyUI (see the log above)")
 

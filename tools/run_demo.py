@@ -13,7 +13,6 @@ at the end): the LoRA, a before/after image grid, a reward-curve plot and summar
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ import pathlib
 import shutil
 import sys
 import time
-import uuid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -32,37 +30,28 @@ PACK_NAME = "comfyui-pcpo"
 
 
 def load_host(out: pathlib.Path):
-    """Import ComfyUI, point its folders into ``out`` and load this repository as a custom node pack."""
-    comfy_dir = host.ensure_comfyui()
-    host.prepare_import(comfy_dir)
+    """Import ComfyUI (``comfyui_host.load``), point its folders into ``out`` and load this repository
+    as a custom node pack; returns (folders, {"session"|"demo"|"sampler": pack module})."""
+    host.load(extra_nodes=False, install=False)  # tools/env.sh installed the tree's requirements
     dirs = host.set_base_dirs(out / "comfyui")
-    import nodes
     logging.getLogger().setLevel(logging.ERROR)  # keep ComfyUI's start-up chatter out of the demo output
-    host.run_maybe_async(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    custom = out / "custom_nodes"
-    custom.mkdir(parents=True, exist_ok=True)
-    link = custom / PACK_NAME
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(ROOT, link, target_is_directory=True)
-    if not host.run_maybe_async(nodes.load_custom_node(str(link))):
+    host.load()  # the comfy_extras nodes
+    loaded = host.load_pack_folder(ROOT, out / "custom_nodes", PACK_NAME)
+    if not loaded.ok:
         raise RuntimeError("ComfyUI could not load the comfyui-pcpo node pack (see the log above)")
-    pack = {k.rsplit(".", 1)[-1]: m for k, m in sys.modules.items()
-            if k.endswith((f"{PACK_NAME}.nodes.session", f"{PACK_NAME}.nodes.demo", f"{PACK_NAME}.nodes.sampler"))}
+    pack = {name: loaded.module(f"nodes.{name}") for name in ("session", "demo", "sampler")}
     return dirs, pack
 
 
 def execute(executor, prompt: dict, extra_data: dict) -> None:
-    prompt_id = str(uuid.uuid4())
-    valid = host.validate_prompt(prompt, prompt_id)
-    if not valid[0]:
-        raise RuntimeError(f"the demo workflow failed validation: {valid[1]} {valid[3]}")
-    executor.server.messages = []
-    executor.execute(copy.deepcopy(prompt), prompt_id, copy.deepcopy(extra_data), valid[2])
-    if not executor.success:
-        errors = [d for ev, d in executor.server.messages if ev == "execution_error"]
-        err = errors[-1] if errors else {}
-        raise RuntimeError(f"the demo workflow failed in node {err.get('node_type')}: {err.get('exception_message')}")
+    try:
+        host.execute_prompt(prompt, executor=executor, extra_data=extra_data)
+    except host.PromptError as e:
+        err = e.details if isinstance(e.details, dict) else {}
+        if "node_type" in err:
+            raise RuntimeError(f"the demo workflow failed in node {err.get('node_type')}: "
+                               f"{err.get('exception_message')}") from e
+        raise RuntimeError(f"the demo workflow failed: {e}") from e
 
 
 # ----------------------------------------------------------------------------- evaluation
