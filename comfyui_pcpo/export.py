@@ -250,12 +250,6 @@ def write_lora(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optiona
         md[k] = v
     ts = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     atomic_save_safetensors(ts, path, metadata=md)
-    try:  # mkstemp creates 0600 files; give the LoRA the usual umask-derived mode
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
     return path
 
 

@@ -113,6 +113,9 @@ def atomic_save_safetensors(tensors: dict, path: str, metadata: Optional[dict] =
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)  # mkstemp creates 0600 files; give the file the usual umask-derived mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

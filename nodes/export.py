@@ -64,6 +64,31 @@ def _clear_lora_list_cache() -> None:
         helper.cache.pop("loras", None)
 
 
+def filename_error(filename) -> str | None:
+    """Why ``filename`` cannot be an export name, or None when it can (or is not a constant)."""
+    if not isinstance(filename, str):
+        return None
+    try:
+        safe_output_path(folder_paths.get_folder_paths("loras")[0], filename)
+    except ValueError as e:
+        return f"PCPO Export LoRA filename: {e}"
+    return None
+
+
+def check_export_names(prompt) -> None:
+    """Raise before any work when an Export LoRA node of the queued ``prompt`` has a bad file name.
+
+    ComfyUI drops an output whose validation failed and still runs the others, so without this a
+    run would sample and train for nothing (and its loop would go on)."""
+    if not isinstance(prompt, dict):
+        return
+    for nid, node in prompt.items():
+        if isinstance(node, dict) and node.get("class_type") == "PCPOExportLoRA":
+            err = filename_error((node.get("inputs") or {}).get("filename"))
+            if err:
+                raise ValueError(f"{err} (node {nid}); fix the name, then queue again")
+
+
 class PCPOExportLoRA:
     """Save the session's LoRA as a kohya-format .safetensors in the loras folder."""
 
@@ -110,9 +135,15 @@ class PCPOExportLoRA:
     def IS_CHANGED(cls, **kwargs):
         return float("nan")  # the session is mutable state: always write its current adapters
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename=None, **kw):
+        """A bad file name is refused when the prompt is queued (see also :func:`check_export_names`)."""
+        return filename_error(filename) or True
+
     def export(self, session, filename, dtype="fp16", also_diffusers=False, stats=None):
         if dtype not in DTYPES:
             raise ValueError(f"PCPO Export LoRA: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        session = session.live() if callable(getattr(session, "live", None)) else session
         adapters = getattr(session, "adapters", None)
         if not adapters:
             raise ValueError("PCPO Export LoRA: the session has no LoRA adapters to save")

@@ -5,7 +5,9 @@ ComfyUI itself), and the out-of-place residual fix for gradient passes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -56,29 +58,132 @@ def denoiser_weights(model) -> list[tuple[str, torch.Size]]:
     return out
 
 
+def _needs_private_weights(model) -> bool:
+    """True when the diffusion model cannot join an autograd graph as it is: weights created under
+    ``torch.inference_mode()`` (every model ComfyUI loads inside its executor) cannot be saved for
+    backward, and base weights that require grad would collect gradients of their own."""
+    for t in model.model.parameters():
+        if t.is_inference() or t.requires_grad:
+            return True
+    return any(b.is_inference() for b in model.model.buffers())
+
+
+def is_dynamic(model) -> bool:
+    """ComfyUI 0.33+ Dynamic VRAM patcher (weights staged by comfy-aimdo, not resident)."""
+    fn = getattr(model, "is_dynamic", None)
+    return bool(fn()) if callable(fn) else False
+
+
+def _clone_params(model) -> set:
+    import inspect
+    try:
+        return set(inspect.signature(model.clone).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def copy_strategy(model) -> str:
+    """How the trainable model is made from a MODEL without touching the one other nodes use:
+
+    * ``share``: weights are ordinary frozen tensors and the patcher is not dynamic: a plain clone;
+    * ``host-deepcopy``: the host re-creates fresh weights outside inference mode
+      (``clone(force_deepcopy=True, disable_dynamic=True)``, ComfyUI 0.33+ with a loader that
+      registered ``cached_patcher_init``), as ComfyUI's own trainer does;
+    * ``own-copy``: a private copy of the (unpatched) weights, outside inference mode, in a new
+      non-dynamic patcher (older hosts, custom loaders, dynamic patchers without a loader cache).
+    """
+    if not _needs_private_weights(model) and not is_dynamic(model):
+        return "share"
+    if "force_deepcopy" in _clone_params(model) and getattr(model, "cached_patcher_init", None) is not None:
+        return "host-deepcopy"
+    return "own-copy"
+
+
+def _private_model(model):
+    """Deep copy of ``model.model`` with the ORIGINAL (unpatched) weights as fresh, frozen tensors on
+    the offload device, and none of the loaded state of the source (lowvram weight functions,
+    patch ids, loaded-memory counters)."""
+    base = model.model
+    backup = getattr(model, "backup", {}) or {}
+    offload = model.offload_device
+    memo = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for name, p in base.named_parameters():
+            src = backup[name].weight if name in backup else p
+            memo[id(p)] = torch.nn.Parameter(src.detach().to(offload, copy=True), requires_grad=False)
+        for name, b in base.named_buffers():
+            if b is not None:
+                src = backup[name].weight if name in backup else b
+                memo[id(b)] = src.detach().to(offload, copy=True)
+        new = copy.deepcopy(base, memo)
+    for m in new.modules():
+        if hasattr(m, "weight_function"):
+            m.weight_function = []
+        if hasattr(m, "bias_function"):
+            m.bias_function = []
+        for attr in ("comfy_patched_weights", "prev_comfy_cast_weights"):
+            if attr in m.__dict__:
+                delattr(m, attr)
+    new.model_loaded_weight_memory = 0
+    new.model_offload_buffer_memory = 0
+    new.lowvram_patch_counter = 0
+    new.model_lowvram = False
+    new.current_weight_patches_uuid = None
+    new.device = offload
+    return new
+
+
+def trainable_patcher(model):
+    """A clone of the MODEL ``model`` whose diffusion model can be trained through weight wrappers,
+    leaving ``model`` (its patcher, module and every tensor) exactly as other nodes use it."""
+    import comfy.model_patcher
+    strategy = copy_strategy(model)
+    with torch.inference_mode(False):
+        if strategy == "share":
+            mp = model.clone()
+        elif strategy == "host-deepcopy":
+            mp = model.clone(disable_dynamic=True, force_deepcopy=True)
+        else:
+            new = _private_model(model)
+            if "model_override" in _clone_params(model):  # 0.33+: the host's own clone path
+                tmp = comfy.model_patcher.ModelPatcher(new, model.load_device, model.offload_device)
+                mp = model.clone(disable_dynamic=True, model_override=tmp.get_clone_model_override())
+            else:  # older hosts: a clone re-pointed at the copy, with backups of its own
+                mp = model.clone()
+                mp.model = new
+                for attr in ("backup", "backup_buffers", "object_patches_backup", "hook_backup"):
+                    if isinstance(getattr(mp, attr, None), dict):
+                        setattr(mp, attr, {})
+                if isinstance(getattr(mp, "pinned", None), set):
+                    mp.pinned = set()
+                mp.size = 0
+        if strategy != "share":
+            mp.model.requires_grad_(False)
+    mp.pcpo_copy_strategy = strategy
+    _install_out_of_place_wrapper(mp)
+    return mp
+
+
 def attach_lora(model, rank: int, alpha: float, preset: str, extra_regex: str = "", seed: int = 0,
                 dtype=torch.float32, adapters: dict | None = None):
-    """Clone ``model`` and attach trainable LoRA deltas as weight wrappers.
+    """A trainable clone of ``model`` (:func:`trainable_patcher`) with LoRA deltas attached as
+    weight wrappers.
 
     Returns (patched clone, {module name: LoRAWeightDelta}).  Existing ``adapters`` (a resumed or
     live session) are re-attached instead of creating new ones.  Base weights are frozen; adapters
     live on the model's load device.
     """
-    device = model.load_device
-    mp = model.clone()
+    from comfyui_pcpo.run import new_adapters
     if adapters is None:
-        targets = select_targets(denoiser_weights(model), preset, extra_regex)
+        shapes = dict(denoiser_weights(model))
+        targets = select_targets(list(shapes.items()), preset, extra_regex)
         if not targets:
             raise ValueError(f"target layers {preset!r} matched no layer of this {model_family(model).arch} "
                              "model; try 'all-linear'")
-        g = torch.Generator().manual_seed(seed)
-        shapes = dict(denoiser_weights(model))
-        with torch.inference_mode(False):
-            adapters = {n: LoRAWeightDelta(shapes[n], rank, alpha, dtype=dtype, device=device, generator=g)
-                        for n in targets}
+        adapters = new_adapters(shapes, targets, rank, alpha, seed, device=model.load_device, dtype=dtype)
+    mp = trainable_patcher(model)
     for name, ad in adapters.items():
         mp.add_weight_wrapper(f"diffusion_model.{name}.weight", ad)
-    mp.model.requires_grad_(False)
     return mp, adapters
 
 
@@ -118,9 +223,6 @@ def run_in_guider(model, positive, negative, cfg: float, latent_shape, sigmas, f
     guider.set_cfg(cfg)
 
     def inner(model_wrap, extra_args):
-        if not torch.is_inference_mode_enabled():  # a gradient pass
-            make_weights_trainable(model.model)
-
         def predict(x, sigma):
             return model_wrap(x, sigma.to(x.device, x.dtype), **extra_args)
         return fn(predict)
@@ -131,53 +233,87 @@ def run_in_guider(model, positive, negative, cfg: float, latent_shape, sigmas, f
     return s.result
 
 
-def make_weights_trainable(module) -> int:
-    """Replace parameters and buffers created under torch.inference_mode() (ComfyUI loads models
-    inside its executor's inference mode) by normal tensors, one at a time, so a gradient pass can
-    save them for backward.  Values are unchanged; returns how many were replaced."""
-    n = 0
-    with torch.inference_mode(False), torch.no_grad():
-        for m in module.modules():
-            for name, p in list(m.named_parameters(recurse=False)):
-                if p.is_inference():
-                    setattr(m, name, torch.nn.Parameter(p.clone(), requires_grad=False))
-                    n += 1
-            for name, b in list(m.named_buffers(recurse=False)):
-                if b is not None and b.is_inference():
-                    m._buffers[name] = b.clone()
-                    n += 1
-    return n
+_OOP_NAMES = {"__iadd__": torch.Tensor.add, "__isub__": torch.Tensor.sub, "__imul__": torch.Tensor.mul}
+_oop_state = threading.local()
+_oop_lock = threading.Lock()
+_oop_installed = {"depth": 0, "saved": {}}
 
 
-def _oop_iadd(self, other):
-    return self.add(other)
+def _oop_dunder(name: str, op):
+    orig = getattr(torch._C.TensorBase, name)
 
-
-def _oop_isub(self, other):
-    return self.sub(other)
-
-
-def _oop_imul(self, other):
-    return self.mul(other)
+    def dunder(self, other):
+        if getattr(_oop_state, "active", 0):
+            return op(self, other)
+        return orig(self, other)
+    dunder.pcpo_out_of_place = True
+    return dunder
 
 
 @contextlib.contextmanager
 def out_of_place_residuals():
-    """Make ``x += y`` (and -=, *=) on tensors out of place for the duration.
+    """Make ``x += y`` (and -=, *=) out of place on THIS thread for the duration.
 
     FLUX (and MMDiT) blocks update their residual streams in place; autograd then either raises or,
-    with checkpointing, silently computes wrong gradients.  Out-of-place adds give the same values,
-    so sampling is untouched (this is only entered for gradient passes)."""
-    saved = {k: torch.Tensor.__dict__.get(k) for k in ("__iadd__", "__isub__", "__imul__")}
-    torch.Tensor.__iadd__, torch.Tensor.__isub__, torch.Tensor.__imul__ = _oop_iadd, _oop_isub, _oop_imul
+    with checkpointing, silently computes wrong gradients.  ``x = x + y`` gives the same values.
+    The trainable model enters this only inside its diffusion-model call during a gradient pass
+    (:func:`_install_out_of_place_wrapper`): ComfyUI's own code around the model call (cond
+    batching, which adds into views in place), the optimizer step, other threads and other packs
+    keep the normal in-place semantics."""
+    with _oop_lock:
+        if _oop_installed["depth"] == 0:
+            _oop_installed["saved"] = {k: torch.Tensor.__dict__.get(k) for k in _OOP_NAMES}
+            for k, op in _OOP_NAMES.items():
+                setattr(torch.Tensor, k, _oop_dunder(k, op))
+        _oop_installed["depth"] += 1
+    _oop_state.active = getattr(_oop_state, "active", 0) + 1
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                delattr(torch.Tensor, k)
-            else:
-                setattr(torch.Tensor, k, v)
+        _oop_state.active -= 1
+        with _oop_lock:
+            _oop_installed["depth"] -= 1
+            if _oop_installed["depth"] == 0:
+                for k, v in _oop_installed["saved"].items():
+                    if v is None:
+                        delattr(torch.Tensor, k)
+                    else:
+                        setattr(torch.Tensor, k, v)
+
+
+def _install_out_of_place_wrapper(mp) -> None:
+    """Route the diffusion-model call of ``mp`` through :func:`out_of_place_residuals` whenever it
+    runs with grad (a gradient pass); sampling is untouched.  Chains an existing wrapper."""
+    previous = mp.model_options.get("model_function_wrapper")
+
+    def wrapper(apply_model, args):
+        call = (lambda: previous(apply_model, args)) if previous is not None else \
+            (lambda: apply_model(args["input"], args["timestep"], **args["c"]))
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            with out_of_place_residuals():
+                return call()
+        return call()
+    wrapper.pcpo_out_of_place = True
+    if previous is not None and getattr(previous, "pcpo_out_of_place", False):
+        return
+    mp.set_model_unet_function_wrapper(wrapper)
+
+
+@contextlib.contextmanager
+def training_mode():
+    """A gradient pass: grad on, inference mode off, and ComfyUI's ``in_training`` flag (0.33+)
+    set, as ComfyUI's own trainer does."""
+    mm = comfy.model_management
+    has_flag = hasattr(mm, "in_training")
+    old = getattr(mm, "in_training", None)
+    with torch.inference_mode(False), torch.enable_grad():
+        if has_flag:
+            mm.in_training = True
+        try:
+            yield
+        finally:
+            if has_flag:
+                mm.in_training = old
 
 
 @contextlib.contextmanager

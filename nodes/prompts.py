@@ -5,9 +5,23 @@ import os
 import random
 from collections import OrderedDict
 
+import torch
+
 import folder_paths
 
 NO_FILE = "(none)"
+CACHE_BYTES = 256 * 2 ** 20  # prompt encodings kept per prompt source
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes held by the tensors inside ``obj`` (nested lists, tuples and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def encode_text(clip, text: str):
@@ -37,6 +51,8 @@ class PromptSource:
         self.per_iteration = int(per_iteration)
         self.seed = int(seed)
         self._cache: OrderedDict = OrderedDict()
+        self._cache_bytes = 0
+        self.cache_bytes = CACHE_BYTES
 
     def draw(self, iteration: int) -> list:
         rng = random.Random(f"{self.seed}:{iteration}")
@@ -45,11 +61,18 @@ class PromptSource:
         return [rng.choice(self.prompts) for _ in range(self.per_iteration)]
 
     def encode(self, text: str):
-        if text not in self._cache:
-            self._cache[text] = encode_text(self.clip, text)
-            while len(self._cache) > 512:
-                self._cache.popitem(last=False)
-        return self._cache[text]
+        """CONDITIONING of ``text``, from a least-recently-used cache bounded in bytes
+        (``CACHE_BYTES``; text-encoder outputs range from kilobytes to megabytes per prompt)."""
+        if text in self._cache:
+            self._cache.move_to_end(text)
+            return self._cache[text][0]
+        cond = encode_text(self.clip, text)
+        self._cache[text] = (cond, tensor_bytes(cond))
+        self._cache_bytes += self._cache[text][1]
+        while self._cache_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, (_, nbytes) = self._cache.popitem(last=False)
+            self._cache_bytes -= nbytes
+        return cond
 
 
 def _txt_files() -> list:

@@ -15,6 +15,23 @@ class Rewards:
     trajectory_uid: str
 
 
+def check_images(images, trajectory) -> None:
+    """What can be checked of the decoded images against the rollout they should come from: one image
+    per sample, and the latent's shape scaled by one whole factor (the VAE's) on both sides."""
+    B = trajectory.traj.batch_size
+    hint = ("decode the Trajectory Sampler's latent output directly with the model's VAE, without batching, "
+            "selecting, cropping or resizing images")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"images must be an IMAGE batch (B, H, W, C); got shape {tuple(images.shape)}")
+    if images.shape[0] != B:
+        raise ValueError(f"got {images.shape[0]} images for a trajectory of {B} samples: {hint}")
+    h, w = trajectory.latent_shape[-2:]
+    H, W = images.shape[1:3]
+    if H % h or W % w or H // h != W // w:
+        raise ValueError(f"images of {H}x{W} pixels do not come from latents of {h}x{w}: every side must be the "
+                         f"latent's times the VAE's scale factor: {hint}")
+
+
 class PCPORewardScorer:
     CATEGORY = "PCPO"
     FUNCTION = "score"
@@ -40,10 +57,7 @@ class PCPORewardScorer:
         return float("nan")
 
     def score(self, images, trajectory, reward, prompt=""):
-        B = trajectory.traj.batch_size
-        if images.shape[0] != B:
-            raise ValueError(f"got {images.shape[0]} images for a trajectory of {B} samples: decode the Trajectory "
-                             "Sampler's latent output directly, without batching or selecting images")
+        check_images(images, trajectory)
         prompts = [p if p else prompt for p in trajectory.prompts]
         spec = R.get_reward(reward)
         if spec.needs_prompt and not all(prompts):

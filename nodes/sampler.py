@@ -8,16 +8,21 @@ from dataclasses import dataclass
 
 import torch
 
+import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 
 from comfyui_pcpo.plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, diffusion_plan, flow_plan,
                                 prediction_from_denoised)
-from comfyui_pcpo.rollout import make_trajectory, rollout, transition
+from comfyui_pcpo.rollout import make_trajectory, rollout
+from comfyui_pcpo.run import rollout_generator
 from comfyui_pcpo.trajectory import Trajectory
 
 from .glue import ModelFamily, interrupted, lora_multiplier, run_in_guider
+
+
+MIN_ETA = 0.1  # lower noise levels make the policy ratio (and KL, gradient norms) blow up as 1/eta
 
 
 @dataclass
@@ -32,6 +37,7 @@ class RolloutBatch:
     iteration: int
     uid: str
     family: ModelFamily
+    session_token: str = ""
 
     @property
     def prompts(self) -> list:
@@ -42,10 +48,6 @@ def make_plan(family: ModelFamily, sigmas, eta: float, variant: str, flow_rule: 
     if family.kind == "diffusion":
         return diffusion_plan(sigmas, eta=eta, variant=variant)
     return flow_plan(sigmas, noise_rule=flow_rule, level=eta, variant="uw-lambda" if variant == "uw-lambda" else "native")
-
-
-def group_generator(seed: int, iteration: int, group: int) -> torch.Generator:
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(iteration) * 7919 + int(group)) % (2 ** 63))
 
 
 def latent_shape_for(model, latent, width: int, height: int) -> tuple:
@@ -83,9 +85,10 @@ class PCPOTrajectorySampler:
                                    "Samples per prompt sharing one initial noise (reference: 12-16); at least 2."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
                              "Base seed; each iteration and group derive their own noise from it."}),
-            "eta": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
+            "eta": ("FLOAT", {"default": 1.0, "min": MIN_ETA, "max": 1.0, "step": 0.01, "tooltip":
                               "Noise level: DDIM eta for eps/v models (1 = DDPM, reference), the SDE noise for "
-                              "flow models (DanceGRPO eta 0.3; Flow-GRPO a = 0.7)."}),
+                              "flow models (DanceGRPO eta 0.3; Flow-GRPO a = 0.7). Below 0.3 the update warns: "
+                              "the policy ratio becomes ill-conditioned at low noise."}),
             "rollout_variant": (list(VARIANTS), {"default": "uw-sigma", "tooltip":
                                 "PCPO rollout: uw-sigma (reference: reshaped rollout noise, constant loss weight), "
                                 "uw-lambda (exact constant weight; two model calls per step), native (plain DDIM)."}),
@@ -115,6 +118,19 @@ class PCPOTrajectorySampler:
         if group_size < 2:
             raise ValueError("group_size must be at least 2: PCPO compares samples of the same prompt "
                              "(group-relative advantages); use 4 or more")
+        if not eta >= MIN_ETA:
+            raise ValueError(f"eta {eta:g} is below {MIN_ETA:g}: at such low noise the policy ratio is ill-conditioned "
+                             "(KL and gradient norms grow as 1/eta); use 0.3-1.0")
+        session = session.live()
+        try:
+            return self._sample(session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule,
+                                scheduler, width, height, groups, prompts, positive, negative, latent, sigmas)
+        except comfy.model_management.InterruptProcessingException:
+            session.save_if_dirty()  # Cancel: the run on disk is the run in memory
+            raise
+
+    def _sample(self, session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule, scheduler,
+                width, height, groups, prompts, positive, negative, latent, sigmas):
         model = session.model
         fam = session.family
         ms = model.get_model_object("model_sampling")
@@ -143,7 +159,7 @@ class PCPOTrajectorySampler:
         pbar = comfy.utils.ProgressBar(len(conds) * plan.num_steps)
         records, finals = [], []
         for g, (pos, neg) in enumerate(conds):
-            gen = group_generator(seed, iteration, g)
+            gen = rollout_generator(seed, iteration, g)
             noise = torch.randn((1, *shape), generator=gen).repeat(G, *([1] * len(shape)))
             x_init = ms.noise_scaling(torch.tensor(sigma0), noise, torch.zeros_like(noise), max_denoise)
 
@@ -171,29 +187,32 @@ class PCPOTrajectorySampler:
         traj = make_trajectory(records, plan, gid, gid, texts,
                                {"arch": fam.arch, "cfg": cfg, "seed": seed, "iteration": iteration,
                                 "variant": rollout_variant, "eta": eta, "flow_noise_rule": flow_noise_rule})
-        batch = RolloutBatch(traj, conds, float(cfg), shape, session.run_name, iteration, uuid.uuid4().hex, fam)
+        batch = RolloutBatch(traj, conds, float(cfg), shape, session.run_name, iteration, uuid.uuid4().hex, fam,
+                             session.token)
         return ({"samples": torch.cat(finals, 0)}, batch)
 
 
 def pcpo_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                 variant="native", flow_noise_rule="constant"):
-    """k-diffusion style sampler function: the PCPO rollout kernel without recording."""
+    """k-diffusion style sampler function: the PCPO rollout (``comfyui_pcpo.rollout``) without
+    recording."""
     extra_args = {} if extra_args is None else extra_args
     ms = model.inner_model.inner_model.model_sampling
     import comfy.model_sampling as MS
     fam = ModelFamily("flow" if isinstance(ms, MS.CONST) else "diffusion", "", "")
-    sig = sigmas.detach().double().cpu()
-    plan = make_plan(fam, sig, eta, variant, flow_noise_rule)
+    plan = make_plan(fam, sigmas.detach().double().cpu(), eta, variant, flow_noise_rule)
     gen = torch.Generator().manual_seed(int(extra_args.get("seed", 0) or 0))
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(plan.num_steps):
-        den = model(x, sigmas[i] * s_in, **extra_args)
-        pred = prediction_from_denoised(plan, x, den, sigmas[i])
-        noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+    last = {}
+
+    def pred(xx, s):
+        last["x"], last["denoised"] = xx, model(xx, s, **extra_args)
+        return prediction_from_denoised(plan, xx, last["denoised"], s)
+
+    def step_cb(i, _x_next):
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": den})
-        x = transition(plan, i, x, pred, noise)
-    return x
+            callback({"x": last["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": last["denoised"]})
+
+    return rollout(pred, plan, x, gen, record=False, callback=step_cb)[0]
 
 
 class PCPOSampler:

@@ -13,10 +13,25 @@ from comfyui_pcpo.objectives import OBJECTIVES
 from comfyui_pcpo.plan import prediction_from_denoised
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer
 
-from .glue import clone_conditioning, interrupted, out_of_place_residuals, run_in_guider
+from .glue import clone_conditioning, interrupted, run_in_guider, training_mode
 from .loop import loop_target, requeue
 
 log = logging.getLogger("comfyui-pcpo")
+
+
+LOW_ETA = 0.3     # below this the policy ratio is ill-conditioned (weights grow as 1 / noise level)
+HIGH_KL = 0.1     # approx KL of one update above which the step left the trust region
+
+
+def update_warnings(eta: float, stats: dict) -> list:
+    """Plain-language warnings about settings or stats that make an update unreliable."""
+    out = []
+    if eta < LOW_ETA:
+        out.append(f"eta {eta:g} is low: the policy ratio is ill-conditioned at low noise (KL and gradient "
+                   f"norms grow as 1/eta); use {LOW_ETA:g}-1.0")
+    if stats.get("approx_kl", 0.0) > HIGH_KL:
+        out.append(f"KL {stats['approx_kl']:.3g} per update is high: lower the learning rate or raise eta")
+    return out
 
 
 def format_stats(it: int, s: dict) -> str:
@@ -53,7 +68,7 @@ class PCPOLoRAUpdate:
             "micro_batch": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":
                                     "Samples per forward/backward (within a group). Lower it if memory runs out."}),
             "grad_clip": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
-                                    "Clip the gradient norm (reference 1.0)."}),
+                                    "Clip the gradient norm to this value (reference 1.0); 0 = no clipping."}),
             "updates_per_rollout": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip":
                                             "Optimizer steps per rollout batch (reference 2; the first is on-policy)."}),
             "iterations_per_queue": ("INT", {"default": 1, "min": 1, "max": 100000, "tooltip":
@@ -70,24 +85,26 @@ class PCPOLoRAUpdate:
     def update(self, session, trajectory, rewards, objective, clip_range, advantage_clip, train_fraction,
                micro_batch, grad_clip, updates_per_rollout, iterations_per_queue, checkpoint_every,
                prompt=None, extra_pnginfo=None, unique_id=None):
+        session = session.live()
+        state = session.state
         batch = trajectory
         if batch.run_name != session.run_name:
             raise ValueError(f"the trajectory belongs to run {batch.run_name!r}, not {session.run_name!r}")
-        if batch.iteration != session.iteration:
+        if batch.iteration != state.iteration or batch.session_token != session.token:
             raise ValueError(f"the trajectory is from iteration {batch.iteration} but run {session.run_name!r} is at "
-                             f"{session.iteration}: sample a fresh rollout (the Trajectory Sampler must run before "
+                             f"{state.iteration}: sample a fresh rollout (the Trajectory Sampler must run before "
                              "every update)")
         if rewards.trajectory_uid != batch.uid:
             raise ValueError("the rewards were computed for another rollout: wire the Reward Scorer to this "
                              "Trajectory Sampler's output")
         target = loop_target(extra_pnginfo, session.run_name)
         if target is None:
-            target = session.iteration + int(iterations_per_queue)
+            target = state.iteration + int(iterations_per_queue)
 
         cfg = PCPOConfig(objective=objective, clip_range=clip_range, adv_clip=advantage_clip,
                          train_fraction=train_fraction, micro_batch=micro_batch, grad_clip=grad_clip,
                          updates_per_rollout=updates_per_rollout, seed=0)
-        trainer = PCPOTrainer(session.params(), session.optimizer, cfg, generator=session.generator)
+        trainer = PCPOTrainer(state.params(), state.optimizer, cfg, generator=state.generator)
         model = session.model
         device = model.load_device
         traj = batch.traj
@@ -111,29 +128,33 @@ class PCPOLoRAUpdate:
             run_in_guider(model, clone_conditioning(pos), clone_conditioning(neg), batch.cfg,
                           (min(G, micro_batch), *batch.latent_shape), sigmas, fn)
 
+        # an iteration is atomic: any failure (Cancel included) restores the run exactly as it was
+        snapshot = state.snapshot()
         try:
-            with torch.inference_mode(False), torch.enable_grad(), out_of_place_residuals():
+            with training_mode():
                 stats = trainer.update(traj, rewards.values, run_group=run_group, on_progress=progress)
-        except comfy.model_management.InterruptProcessingException:
-            session.optimizer.zero_grad(set_to_none=True)
-            session.save_checkpoint()
+        except BaseException as e:
+            state.restore(snapshot)
+            if isinstance(e, comfy.model_management.InterruptProcessingException):
+                session.save_if_dirty()
             raise
-        session.iteration += 1
-        session.optimizer_steps += int(updates_per_rollout)
-        session.last_reward, session.last_objective = rewards.name, objective
         summary = {k: stats[k] for k in ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm",
                                          "log_approx_error", "zero_std_groups", "first_update_log_ratio")}
-        summary.update(iteration=session.iteration, objective=objective, reward=rewards.name)
-        session.history.append(summary)
-        if session.iteration % int(checkpoint_every) == 0 or session.iteration >= target:
+        summary.update(objective=objective, reward=rewards.name)
+        state.commit(summary, int(updates_per_rollout), rewards.name, objective)
+        if state.iteration % int(checkpoint_every) == 0 or state.iteration >= target:
             session.save_checkpoint()
-        text = format_stats(session.iteration, stats)
+        warnings = update_warnings(float(traj.meta.get("eta", 1.0)), stats)
+        text = format_stats(state.iteration, stats)
         log.info("PCPO %s: %s", session.run_name, text)
-        if session.iteration < target:
-            if not requeue(prompt, extra_pnginfo, session.run_name, target):
+        for w in warnings:
+            log.warning("PCPO %s: %s", session.run_name, w)
+        if state.iteration < target:
+            if not requeue(prompt, extra_pnginfo, session.run_name, target, token=session.token):
                 log.info("PCPO: no server queue to loop on; run the next iteration by queueing again")
-        stats_json = json.dumps({**stats, "iteration": session.iteration, "target_iteration": target})
-        return {"ui": {"text": [text]}, "result": (model, stats_json)}
+        stats_json = json.dumps({**stats, "iteration": state.iteration, "target_iteration": target,
+                                 "optimizer_steps": state.optimizer_steps, "warnings": warnings})
+        return {"ui": {"text": [text] + [f"warning: {w}" for w in warnings]}, "result": (model, stats_json)}
 
 
 NODE_CLASS_MAPPINGS = {"PCPOLoRAUpdate": PCPOLoRAUpdate}

@@ -88,7 +88,7 @@ def test_pcpo_loss_autograd_matches_finite_differences(pcpo, tiny, family):
     A = torch.tensor([1.0, -0.7])
     pos, neg = batch.group_conds[0]
 
-    def loss_fn(backward: bool, oop: bool = True):
+    def loss_fn(backward: bool, model=None):
         def fn(predict):
             x = traj.latents[rows, step].clone()
             s = traj.plan.sigmas[step].float().expand(2)
@@ -99,10 +99,8 @@ def test_pcpo_loss_autograd_matches_finite_differences(pcpo, tiny, family):
             if backward:
                 loss.backward()
             return float(loss)
-        import contextlib
-        with torch.inference_mode(False), torch.enable_grad() if backward else torch.no_grad(), \
-                (glue.out_of_place_residuals() if oop else contextlib.nullcontext()):
-            return glue.run_in_guider(sess.model, glue.clone_conditioning(pos), glue.clone_conditioning(neg),
+        with torch.inference_mode(False), torch.enable_grad() if backward else torch.no_grad():
+            return glue.run_in_guider(model or sess.model, glue.clone_conditioning(pos), glue.clone_conditioning(neg),
                                       batch.cfg, (2, *batch.latent_shape), traj.plan.sigmas.float(), fn)
 
     for p in params:
@@ -125,8 +123,11 @@ def test_pcpo_loss_autograd_matches_finite_differences(pcpo, tiny, family):
     if family == "flux":  # stock FLUX blocks add residuals in place: plain backward fails without the fix
         for p in params:
             p.grad = None
+        plain = sess.model.clone()  # the trainable model without its out-of-place model wrapper
+        assert plain.model_options.pop("model_function_wrapper").pcpo_out_of_place
         with pytest.raises(RuntimeError, match="inplace"):
-            loss_fn(True, oop=False)
+            loss_fn(True, model=plain)
+    assert torch.Tensor.__dict__.get("__iadd__") is None  # the in-place dunders are restored afterwards
 
 
 def latent_preview(tm, latent):

@@ -32,3 +32,25 @@ def test_prompt_file_from_input_folder_and_seeded_draws(pcpo, comfy_dirs):
     assert clip.encoded == ["a cat"]  # encoded once, then cached
     with pytest.raises(ValueError, match="no prompts"):
         node().build(clip, "# only a comment\n", "(none)", "", 2, 0)
+
+
+class TensorCLIP(CountingCLIP):
+    """Returns a 1 KiB float32 embedding per prompt."""
+
+    def encode_from_tokens_scheduled(self, tokens):
+        import torch
+        self.encoded.append(tokens["t"])
+        return [[torch.zeros(1, 256), {"pooled_output": torch.zeros(0)}]]
+
+
+def test_encoding_cache_is_bounded_in_bytes_least_recently_used_first(pcpo):
+    clip = TensorCLIP()
+    src = pcpo.nodes["PCPOPrompts"]().build(clip, "a\nb\nc\nd", "(none)", "", 2, 0)[0]
+    prompts_mod = pcpo.mod("nodes.prompts")
+    assert prompts_mod.tensor_bytes(src.encode("a")) == 1024
+    src.cache_bytes = 3 * 1024  # room for three encodings
+    for t in ("b", "c", "a", "d"):  # "a" is used again before "d" arrives: "b" is the oldest
+        src.encode(t)
+    assert list(src._cache) == ["c", "a", "d"] and src._cache_bytes == 3 * 1024
+    src.encode("b")
+    assert clip.encoded == ["a", "b", "c", "d", "b"] and src._cache_bytes <= src.cache_bytes
