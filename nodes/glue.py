@@ -99,6 +99,24 @@ def copy_strategy(model) -> str:
     return "own-copy"
 
 
+def _copy_module(module: torch.nn.Module, fresh: dict, done: dict | None = None) -> torch.nn.Module:
+    """A structural copy of ``module``: new module objects (with their own containers: hooks, weight
+    function lists, ...) holding the tensors of ``fresh`` ({id(old tensor): new tensor}); other
+    attributes (configs, latent formats) are shared, never deep-copied."""
+    done = {} if done is None else done
+    if id(module) in done:
+        return done[id(module)]
+    new = copy.copy(module)
+    done[id(module)] = new
+    for k, v in list(new.__dict__.items()):
+        if isinstance(v, (dict, list, set)) and k not in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[k] = copy.copy(v)
+    new._parameters = {k: (None if p is None else fresh[id(p)]) for k, p in module._parameters.items()}
+    new._buffers = {k: (None if b is None else fresh[id(b)]) for k, b in module._buffers.items()}
+    new._modules = {k: (None if c is None else _copy_module(c, fresh, done)) for k, c in module._modules.items()}
+    return new
+
+
 def _private_model(model):
     """Deep copy of ``model.model`` with the ORIGINAL (unpatched) weights as fresh, frozen tensors on
     the offload device, and none of the loaded state of the source (lowvram weight functions,
@@ -106,16 +124,16 @@ def _private_model(model):
     base = model.model
     backup = getattr(model, "backup", {}) or {}
     offload = model.offload_device
-    memo = {}
+    fresh = {}
     with torch.inference_mode(False), torch.no_grad():
         for name, p in base.named_parameters():
             src = backup[name].weight if name in backup else p
-            memo[id(p)] = torch.nn.Parameter(src.detach().to(offload, copy=True), requires_grad=False)
+            fresh[id(p)] = torch.nn.Parameter(src.detach().to(offload, copy=True), requires_grad=False)
         for name, b in base.named_buffers():
             if b is not None:
                 src = backup[name].weight if name in backup else b
-                memo[id(b)] = src.detach().to(offload, copy=True)
-        new = copy.deepcopy(base, memo)
+                fresh[id(b)] = src.detach().to(offload, copy=True)
+    new = _copy_module(base, fresh)
     for m in new.modules():
         if hasattr(m, "weight_function"):
             m.weight_function = []
@@ -300,20 +318,28 @@ def _install_out_of_place_wrapper(mp) -> None:
 
 
 @contextlib.contextmanager
-def training_mode():
-    """A gradient pass: grad on, inference mode off, and ComfyUI's ``in_training`` flag (0.33+)
-    set, as ComfyUI's own trainer does."""
+def training_flag():
+    """ComfyUI's ``in_training`` flag (0.33+; absent before): set, the host takes differentiable code
+    paths (e.g. FLUX's eager RoPE instead of the comfy-kitchen kernel, which has no backward).
+    The rollout sets it too, so that rollout and gradient pass run the same numerics."""
     mm = comfy.model_management
-    has_flag = hasattr(mm, "in_training")
-    old = getattr(mm, "in_training", None)
-    with torch.inference_mode(False), torch.enable_grad():
-        if has_flag:
-            mm.in_training = True
-        try:
-            yield
-        finally:
-            if has_flag:
-                mm.in_training = old
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    old = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = old
+
+
+@contextlib.contextmanager
+def training_mode():
+    """A gradient pass: grad on, inference mode off, and :func:`training_flag`, as ComfyUI's own
+    trainer does."""
+    with torch.inference_mode(False), torch.enable_grad(), training_flag():
+        yield
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from comfyui_pcpo.rollout import make_trajectory, rollout
 from comfyui_pcpo.run import rollout_generator
 from comfyui_pcpo.trajectory import Trajectory
 
-from .glue import ModelFamily, interrupted, lora_multiplier, run_in_guider
+from .glue import ModelFamily, interrupted, lora_multiplier, run_in_guider, training_flag
 
 
 MIN_ETA = 0.1  # lower noise levels make the policy ratio (and KL, gradient norms) blow up as 1/eta
@@ -123,8 +123,9 @@ class PCPOTrajectorySampler:
                              "(KL and gradient norms grow as 1/eta); use 0.3-1.0")
         session = session.live()
         try:
-            return self._sample(session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule,
-                                scheduler, width, height, groups, prompts, positive, negative, latent, sigmas)
+            with training_flag():  # the numerics of the gradient pass
+                return self._sample(session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule,
+                                    scheduler, width, height, groups, prompts, positive, negative, latent, sigmas)
         except comfy.model_management.InterruptProcessingException:
             session.save_if_dirty()  # Cancel: the run on disk is the run in memory
             raise

@@ -99,7 +99,7 @@ def test_pcpo_loss_autograd_matches_finite_differences(pcpo, tiny, family):
             if backward:
                 loss.backward()
             return float(loss)
-        with torch.inference_mode(False), torch.enable_grad() if backward else torch.no_grad():
+        with glue.training_mode(), torch.enable_grad() if backward else torch.no_grad():
             return glue.run_in_guider(model or sess.model, glue.clone_conditioning(pos), glue.clone_conditioning(neg),
                                       batch.cfg, (2, *batch.latent_shape), traj.plan.sigmas.float(), fn)
 
@@ -281,7 +281,7 @@ def test_uw_lambda_rollout_mixes_base_and_lora_predictions(pcpo, tiny, family):
 
     run = lambda: glue.run_in_guider(sess.model, pos, neg, batch.cfg, (2, *batch.latent_shape),  # noqa: E731
                                      plan.sigmas.float(), pred)
-    with torch.inference_mode():
+    with torch.inference_mode(), glue.training_flag():  # the rollout's numerics
         theta = run()
         with glue.lora_multiplier(sess.adapters, 0.0):
             ref = run()
