@@ -93,6 +93,32 @@ def test_training_leaves_the_input_model_untouched(pcpo, tiny, comfy_dirs):
     assert all(p.grad is None for p in base.parameters())
 
 
+def test_loader_cache_gives_the_hosts_own_deep_copy(pcpo, tiny, comfy_dirs):
+    """Where the host can re-create a model from its loader (ComfyUI 0.33+: ``cached_patcher_init``,
+    ``clone(force_deepcopy=True)``), the trainable copy comes from there, as in ComfyUI's trainer;
+    older hosts make their own copy.  Either way the run is exactly on-policy and the input model
+    keeps its tensors."""
+    glue = pcpo.mod("nodes.glue")
+    tm = inference_model(tiny)
+    calls = []
+
+    def recreate(disable_dynamic=False):
+        calls.append(disable_dynamic)
+        return tiny.build("sd15").model  # the loader reading the same file again
+
+    tm.model.cached_patcher_init = (recreate, ())
+    host_copy = "force_deepcopy" in glue._clone_params(tm.model)
+    assert glue.copy_strategy(tm.model) == ("host-deepcopy" if host_copy else "own-copy")
+    ids = {k: id(t) for k, t in tm.model.model.state_dict(keep_vars=True).items()}
+    sess = create(pcpo, tm, "host_copy")
+    assert calls == ([True] if host_copy else [])
+    assert sess.model.model is not tm.model.model and sess.model.pcpo_copy_strategy == glue.copy_strategy(tm.model)
+    assert not any(p.requires_grad for p in sess.model.model.parameters())
+    stats = iterate(pcpo, tm, sess)
+    assert stats["first_update_log_ratio"] == 0.0 and stats["grad_norm"] > 0
+    assert {k: id(t) for k, t in tm.model.model.state_dict(keep_vars=True).items()} == ids
+
+
 class StandInPatcher:
     """The parts of a ModelPatcher ``copy_strategy`` reads, for hosts and loaders this machine has not
     got (ComfyUI 0.33+ Dynamic VRAM needs comfy-aimdo on an NVIDIA GPU)."""
