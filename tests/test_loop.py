@@ -94,7 +94,47 @@ PROBE_PACK = textwrap.dedent('''\
             return {}
 
 
-    NODE_CLASS_MAPPINGS = {"PCPOLoopProbe": PCPOLoopProbe}
+    def _loop_module():
+        import importlib.util, sys
+        mod = sys.modules.get("pcpo_loop_under_test")
+        if mod is None:
+            spec = importlib.util.spec_from_file_location("pcpo_loop_under_test", LOOP_PY)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules["pcpo_loop_under_test"] = mod
+            spec.loader.exec_module(mod)
+        return mod
+
+
+    class PCPOLoopCounter:
+        """nodes/loop.py alone: counts in its loop marker and re-queues itself until ``target``."""
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"run": ("STRING", {"default": ""}), "target": ("INT", {"default": 1}),
+                                 "log_path": ("STRING", {"default": ""})},
+                    "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+        RETURN_TYPES = ()
+        OUTPUT_NODE = True
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        @classmethod
+        def IS_CHANGED(cls, **kw):
+            return float("nan")
+
+        def run(self, run, target, log_path, prompt=None, extra_pnginfo=None):
+            loop = _loop_module()
+            marker = loop.loop_marker(extra_pnginfo, run)
+            count = 1 if marker is None else marker["done"] + 1
+            queued = None
+            if count < target:
+                queued = loop.requeue(prompt, extra_pnginfo, run, target, done=count)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"count": count, "marker": marker, "queued": queued}) + "\\n")
+            return {}
+
+
+    NODE_CLASS_MAPPINGS = {"PCPOLoopProbe": PCPOLoopProbe, "PCPOLoopCounter": PCPOLoopCounter}
 ''')
 
 
@@ -108,7 +148,8 @@ def server(comfy, tmp_path_factory):
     os.symlink(REPO_ROOT, custom / "comfyui-pcpo", target_is_directory=True)
     os.symlink(TINY_PACK, custom / "pcpo_tiny_pack", target_is_directory=True)
     (custom / "pcpo_loop_probe").mkdir()
-    (custom / "pcpo_loop_probe" / "__init__.py").write_text(PROBE_PACK)
+    (custom / "pcpo_loop_probe" / "__init__.py").write_text(
+        f"LOOP_PY = {str(REPO_ROOT / 'nodes' / 'loop.py')!r}\n" + PROBE_PACK)
     port = _free_port()
     # ComfyUI's main.py run by tools/comfyui_host.py (import shims first), as in test_workflows
     args = [sys.executable, str(REPO_ROOT / "tools" / "comfyui_host.py"), "serve", "--",
@@ -125,7 +166,7 @@ def server(comfy, tmp_path_factory):
     srv.tmp = tmp
     try:
         _wait_ready(srv)
-        for node in ("PCPOLoRAUpdate", "PCPOTestCheckpointLoader", "PCPOLoopProbe"):
+        for node in ("PCPOLoopProbe", "PCPOLoopCounter", "PCPOTestCheckpointLoader", "PCPOLoRAUpdate"):
             assert node in srv.get(f"/object_info/{node}"), f"{node} did not load:\n{srv.log_tail()}"
         yield srv
     finally:
@@ -160,6 +201,8 @@ def _run_of(entry: dict):
     for node in prompt.values():
         if node["class_type"] == "PCPOLoRA":
             return node["inputs"]["run_name"]
+        if node["class_type"] == "PCPOLoopCounter":
+            return node["inputs"]["run"]
     return None
 
 
@@ -167,13 +210,19 @@ def _wait_idle(srv, run: str, count: int, timeout: float, settle: float = 2.0) -
     """Wait until ``count`` prompts of ``run`` are in the history and the queue is empty, then ``settle``
     seconds more (a late re-queue would show up); returns the run's history entries in queue order."""
     deadline = time.monotonic() + timeout
+    idle_since = None
     while time.monotonic() < deadline:
         if srv.proc.poll() is not None:
             raise AssertionError(f"ComfyUI exited with {srv.proc.returncode}:\n{srv.log_tail()}")
         entries = [h for h in srv.get("/history").values() if _run_of(h) == run]
         queue = srv.get("/queue")
-        if len(entries) >= count and not queue["queue_running"] and not queue["queue_pending"]:
+        idle = not queue["queue_running"] and not queue["queue_pending"]
+        if len(entries) >= count and idle:
             break
+        idle_since = (idle_since or time.monotonic()) if idle and entries else None
+        if idle_since is not None and time.monotonic() - idle_since > 5.0:  # the loop stopped early
+            raise AssertionError(f"{count} prompts of {run} expected, the queue went idle after "
+                                 f"{[_status(h) for h in entries]}:\n{srv.log_tail()}")
         time.sleep(0.25)
     else:
         raise AssertionError(f"{count} prompts of {run} expected within {timeout:.0f} s:\n{srv.log_tail()}")
@@ -202,6 +251,29 @@ def _messages(entry: dict, kind: str) -> list:
 def _ckpt_iteration(srv, run: str) -> int:
     ckpt = srv.base / "output" / "pcpo" / run / "checkpoint.safetensors"
     return int(_safetensors_metadata(ckpt)["iteration"])
+
+
+# --------------------------------------------------------------------------- the loop alone
+
+def test_a_node_loops_through_requeue_with_its_marker(server):
+    """nodes/loop.py without the training nodes: a node re-queues its prompt with a marker item until
+    its target; the marker comes back, the submitter's extra_data stays."""
+    run = f"counter_{uuid.uuid4().hex[:8]}"
+    log_path = server.tmp / f"{run}.jsonl"
+    prompt = {"1": {"class_type": "PCPOLoopCounter", "inputs": {"run": run, "target": 4, "log_path": str(log_path)}}}
+    _post(server, prompt)
+    entries = _wait_idle(server, run, 4, timeout=30, settle=1.0)
+    assert len(entries) == 4
+    calls = _probe_log(log_path)
+    assert [c["count"] for c in calls] == [1, 2, 3, 4]
+    assert [c["queued"] for c in calls] == [True, True, True, None]
+    assert calls[0]["marker"] is None
+    assert [c["marker"] for c in calls[1:]] == [{"run": run, "target": 4, "done": n} for n in (1, 2, 3)]
+    for h in entries:
+        extra = h["prompt"][3]
+        assert (extra["client_id"], extra["pcpo_test_key"]) == (CLIENT_ID, "kept")
+        assert extra["extra_pnginfo"]["workflow"] == {"from": "the test"}
+        assert _status(h)[0] == "success"
 
 
 # --------------------------------------------------------------------------- (a), (b)
@@ -288,7 +360,9 @@ def test_cancel_during_an_iteration_ends_the_loop(server, ignore_interrupt):
     while not waiting.exists():
         assert time.monotonic() < deadline, f"iteration 2 never reached the probe:\n{server.log_tail()}"
         assert server.proc.poll() is None, server.log_tail()
-        time.sleep(0.1)
+        failed = [h for h in server.get("/history").values() if _run_of(h) == run and _status(h)[0] != "success"]
+        assert not failed, f"a prompt failed before the probe waited:\n{server.log_tail()}"
+        time.sleep(0.2)
     server.post("/interrupt", {})
     entries = _wait_idle(server, run, 2, timeout=60)
 
