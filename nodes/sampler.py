@@ -19,6 +19,7 @@ from comfyui_pcpo.rollout import make_trajectory, rollout
 from comfyui_pcpo.run import rollout_generator
 from comfyui_pcpo.trajectory import Trajectory
 
+from .export import check_export_names
 from .glue import ModelFamily, interrupted, lora_multiplier, run_in_guider, training_flag
 
 
@@ -107,14 +108,16 @@ class PCPOTrajectorySampler:
             "negative": ("CONDITIONING", {"tooltip": "Single-prompt run: the negative conditioning."}),
             "latent": ("LATENT", {"tooltip": "Sets the sample size (its content is not used)."}),
             "sigmas": ("SIGMAS", {"tooltip": "A custom schedule (overrides steps/scheduler)."}),
-        }}
+        }, "hidden": {"prompt": "PROMPT"}}
 
     @classmethod
     def IS_CHANGED(cls, **kw):
         return float("nan")  # every queue is a new rollout of the live policy
 
     def sample(self, session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule, scheduler,
-               width, height, groups, prompts=None, positive=None, negative=None, latent=None, sigmas=None):
+               width, height, groups, prompts=None, positive=None, negative=None, latent=None, sigmas=None,
+               prompt=None):
+        check_export_names(prompt)  # the first node that runs every iteration: refuse before sampling
         if group_size < 2:
             raise ValueError("group_size must be at least 2: PCPO compares samples of the same prompt "
                              "(group-relative advantages); use 4 or more")

@@ -296,6 +296,16 @@ def test_bad_export_name_is_refused_before_any_work(pcpo, comfy, comfy_dirs):
         comfy.execute_prompt(prompt)
     assert "PCPOLoRA" in str(e.value)
     assert run_child.RUN not in pcpo.mod("nodes.session").SESSIONS  # nothing ran: no session, no sampling
+    # on a server the PCPO LoRA node's output is cached from the previous prompt: the Trajectory
+    # Sampler (which runs every iteration) refuses before sampling
+    good = run_child.graph()
+    executor = comfy.new_executor(fresh=True)
+    comfy.execute_prompt(good, executor=executor)
+    sess = pcpo.mod("nodes.session").SESSIONS.get(run_child.RUN)
+    assert sess.iteration == 1
+    with pytest.raises(comfy.PromptError, match="filename") as e:
+        comfy.execute_prompt(prompt, executor=executor)
+    assert "PCPOTrajectorySampler" in str(e.value) and sess.iteration == 1
 
 
 def test_switching_between_runs_keeps_memory_flat(pcpo, tiny, comfy_dirs):
