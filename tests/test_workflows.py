@@ -85,9 +85,11 @@ def _class_of(class_type):
 
 def test_shipped_files_are_what_the_generator_makes(host):
     files = BW.render_all(host)
+    other_host = BW.host_version() != BW.GENERATED_WITH  # then compared up to host-version metadata
     for rel, text in files.items():
         assert (REPO_ROOT / rel).is_file(), f"{rel} is missing: run `python tools/build_workflows.py`"
-        assert (REPO_ROOT / rel).read_text(encoding="utf-8") == text, \
+        shipped = (REPO_ROOT / rel).read_text(encoding="utf-8")
+        assert shipped == text or (other_host and BW.same_workflow(json.loads(shipped), json.loads(text))), \
             f"{rel} is stale: run `python tools/build_workflows.py`"
     assert {f"workflows/{n}.json" for n in NAMES} | {f"workflows/api/{n}.json" for n in NAMES} == set(files)
     readme = (WORKFLOWS / "README.md").read_text(encoding="utf-8")
@@ -136,8 +138,12 @@ def test_ui_workflow_is_well_formed(host, name):
             src = nodes_by_id[origin]
             assert oslot < len(src["outputs"]) and src["outputs"][oslot]["type"] == typ
             assert lid in src["outputs"][oslot]["links"]
-        # outputs: types and names as the class declares them
-        assert [o["type"] for o in n["outputs"]] == list(cls.RETURN_TYPES)
+        # outputs: types and names as the class declares them (a newer ComfyUI than the files were
+        # generated with may add outputs to a core node, e.g. PreviewImage's pass-through in 0.33)
+        if n["type"].startswith("PCPO") or BW.host_version() == BW.GENERATED_WITH:
+            assert [o["type"] for o in n["outputs"]] == list(cls.RETURN_TYPES)
+        else:
+            assert [o["type"] for o in n["outputs"]] == list(cls.RETURN_TYPES)[:len(n["outputs"])]
         for slot, out in enumerate(n["outputs"]):
             assert out["slot_index"] == slot
             for lid in out["links"] or []:
@@ -179,7 +185,7 @@ def test_ui_workflow_is_well_formed(host, name):
 def test_ui_workflow_converts_to_the_shipped_api_prompt(host, name):
     ui = _read(WORKFLOWS / f"{name}.json")
     api = _read(WORKFLOWS / "api" / f"{name}.json")
-    assert BW.ui_to_api(ui, host) == api
+    assert BW.same_workflow(BW.ui_to_api(ui, host), api)  # exact on GENERATED_WITH
     # the API prompt passes ComfyUI's validation once the model files are swapped for stand-ins
     import comfy_harness
     ok, err, outputs, node_errors = comfy_harness.validate_prompt(shrink(api, FAMILY[name], "validate_only"))

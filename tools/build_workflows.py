@@ -20,6 +20,11 @@ For every workflow two files are written:
 
 The API file is built straight from the description; ``ui_to_api`` (used by the tests) converts the
 UI file the way the frontend's "Export (API)" does, and the two must agree.
+
+The shipped files are generated with ComfyUI ``GENERATED_WITH`` (0.3.75, what CI runs).  On another
+version, ``--check`` and the tests compare them up to what that version's node metadata decides
+(default titles, extra unconnected outputs of core nodes: ``host_independent``), and writing them
+needs ``--any-version``.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ from typing import Any, Callable
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"
+
+# the ComfyUI the shipped files are generated with (the one CI runs); on another version the files
+# are compared without what depends on the host's version (see ``host_independent``)
+GENERATED_WITH = "0.3.75"
 
 # node types that exist only in the frontend (no backend class; never part of an API prompt)
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
@@ -554,6 +563,48 @@ def ui_to_api(workflow: dict, defs: Callable[[str], NodeDef], title: Callable[[s
     return prompt
 
 
+def host_version() -> str | None:
+    """The version of the ComfyUI loaded in this process."""
+    try:
+        import comfyui_version
+    except ImportError:
+        return None
+    return getattr(comfyui_version, "__version__", None)
+
+
+def host_independent(obj: dict) -> dict:
+    """A copy of a UI or API workflow without what the ComfyUI version that wrote it decides:
+
+    * API ``_meta.title`` when it is a default title (the class name or this host's display name;
+      display names come and go between versions, e.g. DualCLIPLoader got "Load CLIP (Dual)");
+    * trailing output sockets of a UI node that no link uses (a version may add outputs to a core
+      node, e.g. SaveImage/PreviewImage pass their images through in 0.33; a workflow saved with
+      fewer still loads).
+    Explicit titles, links, slot indices of linked outputs and every widget value are kept."""
+    import copy
+    out = copy.deepcopy(obj)
+    if isinstance(out.get("nodes"), list):  # UI format
+        for n in out["nodes"]:
+            outs = n.get("outputs") or []
+            while outs and not outs[-1].get("links"):
+                outs.pop()
+            n["outputs"] = outs
+        return out
+    for node in out.values():  # API format
+        meta = node.get("_meta") if isinstance(node, dict) else None
+        if isinstance(meta, dict) and meta.get("title") in (node.get("class_type"),
+                                                              _display_title(node.get("class_type"))):
+            del meta["title"]
+    return out
+
+
+def same_workflow(a: dict, b: dict) -> bool:
+    """Equal, or equal up to :func:`host_independent` when this ComfyUI is not ``GENERATED_WITH``."""
+    if a == b:
+        return True
+    return host_version() != GENERATED_WITH and host_independent(a) == host_independent(b)
+
+
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
@@ -592,17 +643,24 @@ def load_host() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Generate workflows/*.json and workflows/api/*.json")
-    ap.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
+    ap.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing "
+                    "(on a ComfyUI other than GENERATED_WITH: up to host-version metadata)")
+    ap.add_argument("--any-version", action="store_true", help=f"write even on a ComfyUI other than {GENERATED_WITH}")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
     load_host()
+    version = host_version()
+    if version != GENERATED_WITH and not a.check and not a.any_version:
+        print(f"the shipped files are generated with ComfyUI {GENERATED_WITH}; this is {version} "
+              "(use --check, or --any-version to write them anyway)", file=sys.stderr)
+        return 2
     files = render_all()
     stale = []
     for rel, text in files.items():
         path = REPO_ROOT / rel
         old = path.read_text(encoding="utf-8") if path.exists() else None
-        if old == text:
+        if old == text or (a.check and old is not None and same_workflow(json.loads(old), json.loads(text))):
             continue
         stale.append(rel)
         if not a.check:
