@@ -45,7 +45,7 @@ PromptResult = _host.PromptResult
 def load_comfy(extra_nodes: bool = True, install: bool | None = None) -> pathlib.Path:
     """``comfyui_host.load``: make ComfyUI importable, import ``nodes``/``execution`` and (with
     ``extra_nodes``) the comfy_extras nodes; returns the tree (idempotent, cheap after once)."""
-    return host().load(extra_nodes=extra_nodes, install=install)
+    return host().load(extra_nodes=extra_nodes, install=install, quiet=True)  # conftest names the tree
 
 
 def comfyui_version() -> str | None:

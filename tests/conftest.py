@@ -28,14 +28,6 @@ for _p in (str(TESTS_DIR), str(REPO_ROOT)):
         sys.path.insert(0, _p)
 
 
-def pytest_report_header(config):
-    """Name the ComfyUI the suite runs against (without fetching it)."""
-    import comfy_harness
-    h = comfy_harness.host()
-    tree = h.default_comfyui_dir()
-    return h.describe(tree) if h.comfyui_version(tree) else f"ComfyUI {h.COMFYUI_VERSION} at {tree} (not fetched yet)"
-
-
 def _snapshot_dirs():
     import folder_paths
     return {
@@ -62,9 +54,16 @@ def _restore_dirs(snap):
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
+def comfy(tmp_path_factory, pytestconfig):
     import comfy_harness
-    comfy_harness.load_comfy()
+    tree = comfy_harness.load_comfy()
+    # "ComfyUI <version> at <path>", once, past pytest's output capture and in -q runs too
+    tr = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capman is not None:
+        with capman.global_and_fixture_disabled():
+            tr.ensure_newline()
+            tr.write_line(comfy_harness.host().describe(tree))
     comfy_harness.set_base_dirs(tmp_path_factory.mktemp("comfy_session"))
     return comfy_harness
 
