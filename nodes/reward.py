@@ -1,11 +1,15 @@
-"""PCPO Reward Scorer: IMAGE (+ prompts) -> one reward per sample, from the reward registry."""
+"""PCPO Reward Scorer: IMAGE (+ prompts) -> one reward per sample, from the reward registry or a
+PCPO_REWARD (a loader node or the Reward Mix)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from comfyui_pcpo import rewards as R
+from comfyui_pcpo.rewards.base import RewardMix
+
+from .reward_models import run_reward
 
 
 @dataclass
@@ -13,6 +17,8 @@ class Rewards:
     values: torch.Tensor  # (B,) float64
     name: str
     trajectory_uid: str
+    # a mix's components: label -> mean raw reward of this batch (before normalisation and weighting)
+    components: dict = field(default_factory=dict)
 
 
 def check_images(images, trajectory) -> None:
@@ -38,7 +44,9 @@ class PCPORewardScorer:
     RETURN_TYPES = ("PCPO_REWARDS", "FLOAT")
     RETURN_NAMES = ("rewards", "reward_mean")
     OUTPUT_TOOLTIPS = ("Per-sample rewards for the PCPO LoRA Update.", "Mean reward of this batch.")
-    DESCRIPTION = "Scores the decoded samples of a rollout with a reward from the registry (higher is better)."
+    DESCRIPTION = ("Scores the decoded samples of a rollout (higher is better) with a reward from the list, or with the "
+                   "PCPO_REWARD connected to reward_model. For a Reward Mix the rewards are the group-normalised "
+                   "weighted sum, and reward_mean is the weighted sum of the components' raw means.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -50,23 +58,32 @@ class PCPORewardScorer:
         }, "optional": {
             "prompt": ("STRING", {"default": "", "tooltip": "Single-prompt runs with plain CONDITIONING: the prompt "
                                   "text, for rewards that read the prompt."}),
+            "reward_model": ("PCPO_REWARD", {"tooltip": "A learned reward (aesthetic, PickScore, HPSv2.1, ImageReward, "
+                             "CLIP score, OCR) or a PCPO Reward Mix; when connected it replaces the reward list."}),
         }}
 
     @classmethod
     def IS_CHANGED(cls, **kw):
         return float("nan")
 
-    def score(self, images, trajectory, reward, prompt=""):
+    def score(self, images, trajectory, reward, prompt="", reward_model=None):
         check_images(images, trajectory)
         prompts = [p if p else prompt for p in trajectory.prompts]
-        spec = R.get_reward(reward)
-        if spec.needs_prompt and not all(prompts):
-            raise ValueError(f"reward {reward!r} reads the prompt: use PCPO Prompts, or type the prompt into the "
-                             "Reward Scorer's prompt input")
-        values = R.score(reward, images.detach().cpu(), prompts)
+        if not prompts:
+            prompts = [prompt] * images.shape[0]
+        obj = reward_model if reward_model is not None else R.builtin_reward(reward)
+        obj.check_prompts(images.shape[0], prompts)
+        images = images.detach().cpu()
+        components = {}
+        if isinstance(obj, RewardMix):
+            mix = obj.score_parts(images, prompts, trajectory.traj.group_ids, run=run_reward)
+            values, components, mean = mix.values, mix.component_means(), mix.raw_weighted_mean()
+        else:
+            values = run_reward(obj, images, prompts)
+            mean = float(values.mean())
         if not torch.isfinite(values).all():
-            raise ValueError(f"reward {reward!r} returned NaN or inf")
-        return (Rewards(values, reward, trajectory.uid), float(values.mean()))
+            raise ValueError(f"reward {obj.name!r} returned NaN or inf")
+        return (Rewards(values, obj.name, trajectory.uid, components), mean)
 
 
 NODE_CLASS_MAPPINGS = {"PCPORewardScorer": PCPORewardScorer}

@@ -7,6 +7,12 @@ A reward maps a batch of decoded images to one scalar per image:
 Images use ComfyUI's IMAGE layout (channels last).  Higher is better.  Register a reward
 with ``@register_reward("name", description=...)``; the node layer lists ``reward_names()``
 in its dropdown, so a new reward module only has to be imported here.
+
+Learned rewards are objects (:class:`~comfyui_pcpo.rewards.base.Reward`) built by loaders from
+their published files: ``clip_models`` (LAION aesthetic v2, PickScore v1, CLIP score), ``hps``
+(HPSv2.1, open_clip), ``imagereward`` (ImageReward, transformers BLIP), ``ocr`` (RapidOCR);
+``base.RewardMix`` combines rewards normalised within each group.  Their heavy imports
+(transformers, open_clip, rapidocr) happen only when a model loads.
 """
 from __future__ import annotations
 
@@ -72,3 +78,9 @@ def score(name: str, images: torch.Tensor, prompts: Optional[Sequence[str]] = No
 # Built-in rewards register themselves on import.
 from . import simple as _simple  # noqa: E402,F401
 from . import colour as _colour  # noqa: E402,F401
+
+
+def builtin_reward(name: str):
+    """The registry reward ``name`` as a :class:`~comfyui_pcpo.rewards.base.Reward` object."""
+    from .base import RegistryReward
+    return RegistryReward(get_reward(name))
