@@ -6,7 +6,10 @@
 * every third-party module that nodes/, comfyui_pcpo/ or the pack's __init__.py import (at module
   level or lazily) is in requirements.txt or in ComfyUI's own requirements.txt;
 * every third-party module the headless core imports, torch aside, is a runtime dependency in
-  pyproject.toml, and the diffusers/PEFT interop packages are only extras.
+  pyproject.toml, and the diffusers/PEFT interop packages are only extras;
+* the one exception, optional reward-model packages: imported only inside functions (lazily, when their
+  loader runs), listed in pyproject's ``rewards`` extra, and, when ComfyUI does not install them
+  either, imported inside ``try ... except ImportError`` so a missing package gives a clear error.
 """
 from __future__ import annotations
 
@@ -63,6 +66,48 @@ def _imported_modules(paths) -> dict[str, set[str]]:
             for name in names:
                 found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(REPO_ROOT)))
     return found
+
+
+def _import_sites(paths) -> dict[str, list[tuple[str, bool, bool]]]:
+    """Top-level module -> [(file, lazy, guarded)]: lazy = inside a function body, guarded = inside a
+    ``try`` one of whose handlers catches ImportError (or ModuleNotFoundError)."""
+    sites: dict[str, list] = {}
+
+    def catches_import_error(t: ast.Try) -> bool:
+        names = []
+        for h in t.handlers:
+            if h.type is not None:
+                names += [n.id for n in ast.walk(h.type) if isinstance(n, ast.Name)]
+        return bool({"ImportError", "ModuleNotFoundError"} & set(names))
+
+    def visit(node, rel, lazy, guarded):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                names = [child.module]
+            else:
+                names = []
+            for name in names:
+                sites.setdefault(name.split(".")[0], []).append((rel, lazy, guarded))
+            in_fn = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Try):
+                for part in child.body:
+                    visit(ast.Module(body=[part], type_ignores=[]), rel, in_fn, guarded or catches_import_error(child))
+                for part in child.handlers + child.orelse + child.finalbody:
+                    visit(ast.Module(body=[part], type_ignores=[]), rel, in_fn, guarded)
+            else:
+                visit(child, rel, in_fn, guarded)
+
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        visit(tree, str(path.relative_to(REPO_ROOT)), False, False)
+    return sites
+
+
+def _optional_reward_packages() -> set[str]:
+    extras = _pyproject()["project"].get("optional-dependencies", {})
+    return {_norm(Requirement(r).name) for r in extras.get("rewards", [])}
 
 
 def _pack_files():
@@ -130,18 +175,33 @@ def test_every_third_party_import_is_in_requirements_or_comfyuis(comfy):
     third_party = {m: f for m, f in imports.items()
                    if m not in sys.stdlib_module_names and m not in own and m not in host and m != "__future__"}
     assert {"torch", "numpy", "safetensors"} <= set(third_party), sorted(third_party)
+    sites = _import_sites(_pack_files())
+    optional = _optional_reward_packages()
     for module, files in sorted(third_party.items()):
         dists = _distributions(module)
         assert dists, f"{module} (imported by {sorted(files)}) is not installed"
-        assert dists & provided, (f"{module} (imported by {sorted(files)}, distribution {sorted(dists)}) is neither "
-                                  "in requirements.txt nor in ComfyUI's requirements")
+        if dists & provided:
+            continue
+        assert dists & optional, (f"{module} (imported by {sorted(files)}, distribution {sorted(dists)}) is neither "
+                                  "in requirements.txt nor in ComfyUI's requirements (nor an optional reward package)")
+        eager = sorted(f for f, lazy, guarded in sites[module] if not (lazy and guarded))
+        assert not eager, (f"the optional package {module} must be imported inside a function, in try/except "
+                           f"ImportError with an error naming the pip install line; not so in {eager}")
 
 
 def test_the_headless_core_runtime_imports_are_dependencies():
     runtime = {_norm(r.name) for r in _runtime_dependencies()}
-    imports = _imported_modules(sorted((REPO_ROOT / "comfyui_pcpo").rglob("*.py")))
+    core = sorted((REPO_ROOT / "comfyui_pcpo").rglob("*.py"))
+    imports = _imported_modules(core)
+    sites = _import_sites(core)
+    optional = _optional_reward_packages()
+    assert {"transformers", "open-clip-torch", "rapidocr", "onnxruntime"} <= optional
     for module, files in sorted(imports.items()):
         if module in sys.stdlib_module_names or module in ("__future__", "comfyui_pcpo", "torch"):
             continue
         dists = _distributions(module)
-        assert dists & runtime, f"{module} (imported by {sorted(files)}) is missing from pyproject's dependencies"
+        if dists & runtime:
+            continue
+        assert dists & optional, f"{module} (imported by {sorted(files)}) is missing from pyproject's dependencies"
+        eager = sorted(f for f, lazy, _ in sites[module] if not lazy)
+        assert not eager, f"the optional package {module} is imported at module level in {eager}: import it lazily"
