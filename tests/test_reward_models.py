@@ -326,3 +326,189 @@ def test_reward_weights_are_loaded_for_scoring_and_given_back(pcpo, reward_dir):
     assert any(lm.model is kept.patcher for lm in mm.current_loaded_models)
     pcpo.mod("nodes.reward_models").release(kept.patcher)
     assert not any(lm.model is kept.patcher for lm in mm.current_loaded_models)
+
+
+# ----------------------------------------------------------------------------- HPSv2.1 (open_clip)
+
+TINY_OPEN_CLIP = {"embed_dim": 16,
+                  "vision_cfg": {"image_size": SIZE, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def open_clip_tiny(tmp_path_factory):
+    open_clip = pytest.importorskip("open_clip")
+    d = tmp_path_factory.mktemp("open_clip_cfg")
+    (d / "pcpo-tiny-ViT.json").write_text(json.dumps(TINY_OPEN_CLIP), encoding="utf-8")
+    open_clip.add_model_config(str(d / "pcpo-tiny-ViT.json"))
+    return open_clip
+
+
+def test_hps_real_size_architecture_matches_the_published_checkpoint(comfy, open_clip_tiny):
+    """ViT-H-14 as HPSv2 loads it: embed 1024, vision 32 x 1280 patch 14 at 224, text 24 x 1024, context 77, and
+    the open_clip key names the spec lists."""
+    cfg = open_clip_tiny.get_model_config("ViT-H-14")
+    assert cfg["embed_dim"] == 1024 and cfg["vision_cfg"]["layers"] == 32 and cfg["vision_cfg"]["width"] == 1280
+    assert cfg["vision_cfg"]["patch_size"] == 14 and cfg["vision_cfg"]["image_size"] == 224
+    assert cfg["text_cfg"]["layers"] == 24 and cfg["text_cfg"]["width"] == 1024 and cfg["text_cfg"]["context_length"] == 77
+    with torch.device("meta"):
+        sd = open_clip_tiny.create_model("ViT-H-14", pretrained=None, device="meta").state_dict()
+    for k in ("visual.conv1.weight", "visual.proj", "token_embedding.weight", "positional_embedding",
+              "text_projection", "logit_scale", "transformer.resblocks.23.attn.in_proj_weight",
+              "visual.transformer.resblocks.31.mlp.c_fc.weight"):
+        assert k in sd, k
+    assert tuple(sd["text_projection"].shape) == (1024, 1024) and tuple(sd["visual.proj"].shape) == (1280, 1024)
+    assert not any(k.startswith(("visual.transformer.resblocks.32", "transformer.resblocks.24")) for k in sd)
+
+
+def test_hps_reward_through_the_node(pcpo, reward_dir, open_clip_tiny):
+    torch.manual_seed(0)
+    model = open_clip_tiny.create_model("pcpo-tiny-ViT", pretrained=None).eval()
+    # published layout: {"state_dict": ...} in a torch pickle, loaded with weights_only=True
+    torch.save({"state_dict": model.state_dict()}, reward_dir / "pcpo_rewards" / "HPS_v2.1_compressed.pt")
+    node = pcpo.nodes["PCPOHPSReward"]
+    assert "HPS_v2.1_compressed.pt" in node.INPUT_TYPES()["required"]["checkpoint"][0]
+    reward = node().load("HPS_v2.1_compressed.pt", "pcpo-tiny-ViT", "fp32", 2, False)[0]
+    imgs = images(3, seed=6)
+    got = assert_batched_equals_single(pcpo, reward, imgs, PROMPTS)
+    tok = open_clip_tiny.get_tokenizer("pcpo-tiny-ViT")
+    with torch.no_grad():
+        i = model.encode_image(hand_clip_pixels(imgs))  # square input at the model's size: letterbox is a no-op
+        t = model.encode_text(tok(PROMPTS))
+        ref = torch.nn.functional.cosine_similarity(i, t, dim=-1).double()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    torch.save({"state_dict": {"visual.proj": torch.zeros(2)}}, reward_dir / "pcpo_rewards" / "other.pt")
+    with pytest.raises(ValueError, match="not an open_clip pcpo-tiny-ViT checkpoint.*xswu/HPSv2"):
+        node().load("other.pt", "pcpo-tiny-ViT", "fp32", 2, False)
+
+
+# ----------------------------------------------------------------------------- ImageReward (BLIP)
+
+def blip_vit_published_keys(depth: int) -> list:
+    """The BLIP ViT's parameter names as ImageReward's checkpoint holds them (BLIP ``vit.py``: timm blocks)."""
+    keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"]
+    for i in range(depth):
+        for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            keys += [f"blocks.{i}.{part}.weight", f"blocks.{i}.{part}.bias"]
+    return keys
+
+
+def test_imagereward_key_map_covers_the_real_size_blip_vit_l16():
+    from transformers import BlipVisionConfig, BlipVisionModel
+    from comfyui_pcpo.rewards.imagereward import vision_key
+    with torch.device("meta"):
+        hf = BlipVisionModel(BlipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                              num_attention_heads=16, image_size=224, patch_size=16)).state_dict()
+    mapped = {vision_key(k) for k in blip_vit_published_keys(24)}
+    assert mapped == set(hf)
+
+
+MED = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+       "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 48,
+       "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 2,
+       "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 30524, "encoder_width": 32,
+       "add_cross_attention": True}
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "blue", "dog", "green", "fox"]
+
+
+def write_tiny_imagereward(folder, seed=0, vit_width=64, depth=2):
+    """ImageReward.pt with the published key names (BLIP ViT in timm names, BERT text encoder, mlp head),
+    med_config.json and a bert-base-uncased/ tokenizer folder; returns the state dict."""
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
+    folder.mkdir(parents=True, exist_ok=True)
+    tok_dir = folder / "bert-base-uncased"
+    tok_dir.mkdir()
+    (tok_dir / "vocab.txt").write_text("\n".join(WORDS) + "\n", encoding="utf-8")
+    BertTokenizer(str(tok_dir / "vocab.txt")).save_pretrained(str(tok_dir))
+    vocab = len(WORDS) + 2  # + [DEC], [ENC]
+    (folder / "med_config.json").write_text(json.dumps(MED), encoding="utf-8")
+    g = torch.Generator().manual_seed(seed)
+    patch, n_pos, w = 16, (SIZE // 16) ** 2 + 1, vit_width
+    shapes = {"cls_token": (1, 1, w), "pos_embed": (1, n_pos, w), "patch_embed.proj.weight": (w, 3, patch, patch),
+              "patch_embed.proj.bias": (w,), "norm.weight": (w,), "norm.bias": (w,)}
+    for i in range(depth):
+        shapes.update({f"blocks.{i}.norm1.weight": (w,), f"blocks.{i}.norm1.bias": (w,),
+                       f"blocks.{i}.attn.qkv.weight": (3 * w, w), f"blocks.{i}.attn.qkv.bias": (3 * w,),
+                       f"blocks.{i}.attn.proj.weight": (w, w), f"blocks.{i}.attn.proj.bias": (w,),
+                       f"blocks.{i}.norm2.weight": (w,), f"blocks.{i}.norm2.bias": (w,),
+                       f"blocks.{i}.mlp.fc1.weight": (4 * w, w), f"blocks.{i}.mlp.fc1.bias": (4 * w,),
+                       f"blocks.{i}.mlp.fc2.weight": (w, 4 * w), f"blocks.{i}.mlp.fc2.bias": (w,)})
+    assert set(shapes) == set(blip_vit_published_keys(depth))
+    sd = {}
+    for k, s in shapes.items():
+        t = torch.randn(s, generator=g) * (0.2 if k.endswith("weight") and len(s) > 1 else 0.05)
+        if "norm" in k and k.endswith("weight"):
+            t = 1 + t
+        sd["blip.visual_encoder." + k] = t
+    torch.manual_seed(seed)
+    text = BlipTextModel(BlipTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=64, encoder_hidden_size=w),
+                         add_pooling_layer=False)
+    for k, v in text.state_dict().items():
+        sd["blip.text_encoder." + k] = v.clone()
+    sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(64)[None]  # persistent in BLIP's med.py
+    sd["blip.vision_proj.weight"], sd["blip.vision_proj.bias"] = torch.randn(16, w, generator=g), torch.zeros(16)
+    sd["blip.text_proj.weight"], sd["blip.text_proj.bias"] = torch.randn(16, 32, generator=g), torch.zeros(16)
+    from comfyui_pcpo.rewards.clip_models import AestheticHead
+    head = AestheticHead(32)
+    for k, v in head.state_dict().items():
+        sd["mlp." + k] = v.clone()
+    torch.save(sd, folder / "ImageReward.pt")
+    return sd
+
+
+def reference_blip_vit(sd, px, heads):
+    """BLIP's ViT forward written out from its published weights (timm block: pre-norm attention and MLP,
+    LayerNorm eps 1e-6, exact GELU), independent of transformers."""
+    p = lambda k: sd["blip.visual_encoder." + k]  # noqa: E731
+    F = torch.nn.functional
+    x = F.conv2d(px, p("patch_embed.proj.weight"), p("patch_embed.proj.bias"), stride=16).flatten(2).transpose(1, 2)
+    x = torch.cat([p("cls_token").expand(x.shape[0], -1, -1), x], 1) + p("pos_embed")[:, :x.shape[1] + 1]
+    B, N, C = x.shape
+    i = 0
+    while f"blocks.{i}.norm1.weight" in {k[len("blip.visual_encoder."):] for k in sd if k.startswith("blip.visual")}:
+        b = f"blocks.{i}."
+        h = F.layer_norm(x, (C,), p(b + "norm1.weight"), p(b + "norm1.bias"), 1e-6)
+        qkv = F.linear(h, p(b + "attn.qkv.weight"), p(b + "attn.qkv.bias")).reshape(B, N, 3, heads, C // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(-1)
+        x = x + F.linear((a @ v).transpose(1, 2).reshape(B, N, C), p(b + "attn.proj.weight"), p(b + "attn.proj.bias"))
+        h = F.layer_norm(x, (C,), p(b + "norm2.weight"), p(b + "norm2.bias"), 1e-6)
+        h = F.linear(F.gelu(F.linear(h, p(b + "mlp.fc1.weight"), p(b + "mlp.fc1.bias"))), p(b + "mlp.fc2.weight"),
+                     p(b + "mlp.fc2.bias"))
+        x = x + h
+        i += 1
+    return F.layer_norm(x, (C,), p("norm.weight"), p("norm.bias"), 1e-6)
+
+
+def test_imagereward_through_the_node(pcpo, reward_dir):
+    sd = write_tiny_imagereward(reward_dir / "pcpo_rewards" / "ImageReward")
+    node = pcpo.nodes["PCPOImageRewardReward"]
+    name = "ImageReward/ImageReward.pt"
+    assert name in node.INPUT_TYPES()["required"]["checkpoint"][0]
+    reward = node().load(name, "fp32", 2, False)[0]
+    imgs = images(3, seed=7)
+    got = assert_batched_equals_single(pcpo, reward, imgs, PROMPTS)
+    m = reward.module
+    px = hand_clip_pixels(imgs)
+    with torch.no_grad():
+        vis = m.vision(pixel_values=px).last_hidden_state
+        # the key map and LayerNorm eps reproduce BLIP's own ViT from the published weights
+        torch.testing.assert_close(vis, reference_blip_vit(sd, px, heads=64 // 64), rtol=1e-4, atol=1e-4)
+        tok = reward.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        assert tok["input_ids"].shape == (3, 35) and len(reward.tokenizer) == len(WORDS) + 2
+        txt = m.text(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], encoder_hidden_states=vis,
+                     encoder_attention_mask=torch.ones(vis.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]
+        ref = ((m.head(txt).squeeze(1) - 0.16717362830052426) / 1.0333394966054072).double()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_imagereward_missing_files_name_what_and_where(pcpo, reward_dir):
+    write_tiny_imagereward(reward_dir / "pcpo_rewards" / "IR")
+    node = pcpo.nodes["PCPOImageRewardReward"]()
+    (reward_dir / "pcpo_rewards" / "IR" / "bert-base-uncased" / "vocab.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="bert-base-uncased.*vocab.txt"):
+        node.load("IR/ImageReward.pt", "fp32", 2, False)
+    (reward_dir / "pcpo_rewards" / "IR" / "med_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="med_config.json.*THUDM/ImageReward"):
+        node.load("IR/ImageReward.pt", "fp32", 2, False)

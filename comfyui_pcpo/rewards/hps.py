@@ -59,9 +59,9 @@ def _materialise_buffers(model) -> None:
         for name, buf in list(mod._buffers.items()):
             if buf is None or not buf.is_meta:
                 continue
-            if name == "attn_mask" and hasattr(mod, "build_causal_mask"):
-                with torch.device("cpu"):
-                    mod._buffers[name] = mod.build_causal_mask()
+            if name == "attn_mask" and buf.ndim == 2 and buf.shape[0] == buf.shape[1]:
+                # open_clip's build_causal_mask: additive mask, -inf above the diagonal
+                mod._buffers[name] = torch.full(tuple(buf.shape), float("-inf")).triu_(1)
             else:
                 raise RuntimeError(f"open_clip model buffer {name!r} of {type(mod).__name__} is not in the checkpoint")
 
