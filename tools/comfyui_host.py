@@ -299,7 +299,8 @@ def install_requirements(comfy_dir: str | os.PathLike, force: bool = False) -> b
         return False
     with tempfile.TemporaryDirectory(prefix="pcpo-comfyui-req-") as td:
         constraints = pathlib.Path(td) / "constraints.txt"
-        constraints.write_text(f"torch=={torch_pin}\n", encoding="utf-8")
+        # a requirement that depends on torchvision (0.33: spandrel) resolves to the pinned build
+        constraints.write_text(f"torch=={torch_pin}\ntorchvision=={TORCHVISION_PIN}\n", encoding="utf-8")
         req_file = pathlib.Path(td) / "requirements.txt"
         req_file.write_text("\n".join(reqs) + "\n", encoding="utf-8")
         pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
