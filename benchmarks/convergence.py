@@ -38,7 +38,7 @@ def run(host, objective, seed, args):
         clip_steps.append(st["clip_fraction_per_step"])
     smooth = smoothed(rewards)
     hit = iterations_to(rewards, args.targets[0])
-    per_step = [statistics.fmean([c[j] for c in clip_steps if c[j] == c[j]] or [float("nan")])
+    per_step = [statistics.fmean([c[j] for c in clip_steps if c[j] is not None] or [float("nan")])
                 for j in range(len(clip_steps[0]))]
     return {"iterations_to_target": hit, "final_smoothed": smooth[-1], "rewards": rewards, "clip_per_step": per_step}
 

@@ -45,14 +45,33 @@ class LoRAWeightDelta(torch.nn.Module):
         d = self.delta().to(device=weight.device, dtype=weight.dtype)
         return weight + self.multiplier * d if self.multiplier != 1.0 else weight + d
 
-    # ComfyUI moves weight functions with the model on partial loads; the adapter and its optimizer
-    # state stay on the load device instead (the weight is cast to the compute device before the
-    # wrapper runs), so moving is a no-op that only reports the memory it holds.
-    def move_to(self, device=None):
+    def bypass(self, x: torch.Tensor, y: torch.Tensor, conv: Optional[dict] = None) -> torch.Tensor:
+        """``y`` (the frozen layer's output for input ``x``) plus this adapter's branch
+        ``multiplier * (alpha / rank) * up(down(x))``, computed and added in fp32, returned in
+        ``y``'s dtype.  Mathematically the output of the merged weight ``W + delta``; used with a
+        16-bit compute dtype, where merging would round a small delta away.  ``conv``: stride,
+        padding, dilation of a Conv2d layer."""
+        if self.multiplier == 0.0:
+            return y
+        xf = x.to(self.down.device, torch.float32)
+        if len(self.shape) == 4:
+            h = torch.nn.functional.conv2d(xf, self.down.reshape(self.rank, *self.shape[1:]), **(conv or {}))
+            dy = torch.nn.functional.conv2d(h, self.up.reshape(self.shape[0], self.rank, 1, 1))
+        elif len(self.shape) == 2:
+            dy = torch.nn.functional.linear(torch.nn.functional.linear(xf, self.down), self.up)
+        else:
+            raise ValueError(f"a LoRA branch supports linear and 2-D conv layers, not weight shape {self.shape}")
+        out = y.to(torch.float32) + (self.multiplier * self.scale) * dy.to(y.device)
+        return out.to(y.dtype)
+
+    def memory_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def passive_memory_usage(self):
-        return self.move_to()
+    # ComfyUI calls move_to on weight functions when it moves weights on partial (low-VRAM) loads
+    # and counts the returned bytes as moved.  The adapter and its optimizer state stay on the load
+    # device (the weight is cast to the compute device before the wrapper runs): nothing moves.
+    def move_to(self, device=None):
+        return 0
 
     def kohya_tensors(self, dtype=torch.float32) -> dict:
         """{"lora_down.weight", "lora_up.weight", "alpha"} in kohya layout (conv: 4-D down/up)."""

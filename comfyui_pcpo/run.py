@@ -120,6 +120,9 @@ class RunState:
         self.last_reward: Optional[str] = None
         self.last_objective: Optional[str] = None
         self.saved_iteration: Optional[int] = None  # iteration of the checkpoint on disk, if any
+        self.grad_scaler = None            # torch.amp.GradScaler under fp16 compute
+        self._grad_scaler_state: Optional[dict] = None  # loaded before a scaler was asked for
+        self.stalled_iterations = 0        # consecutive iterations without a usable gradient
 
     def params(self) -> list:
         return [p for a in self.adapters.values() for p in a.parameters()]
@@ -157,6 +160,19 @@ class RunState:
             if self.settings.optimizer != "Adam":  # plain Adam runs without weight decay (see make_optimizer)
                 g["weight_decay"] = weight_decay
 
+    def use_grad_scaling(self, enabled: bool, device="cpu") -> None:
+        """Scale gradients (fp16 compute) or not; a scaler's state is kept in the checkpoint."""
+        if not enabled:
+            if self.grad_scaler is not None:
+                self._grad_scaler_state = None
+            self.grad_scaler = None
+            return
+        if self.grad_scaler is None:
+            from .precision import new_grad_scaler
+            self.grad_scaler = new_grad_scaler(device)
+            if self._grad_scaler_state:
+                self.grad_scaler.load_state_dict(self._grad_scaler_state)
+
     # -- iterations ---------------------------------------------------------------------------
     def commit(self, stats: dict, optimizer_steps: int, reward: str, objective: str) -> None:
         """Record a completed iteration (the only place the iteration advances)."""
@@ -175,6 +191,7 @@ class RunState:
                                             for k, v in s.items()} for i, s in opt["state"].items()},
                               "param_groups": copy.deepcopy(opt["param_groups"])},
                 "generator": self.generator.get_state(),
+                "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             }
 
     def restore(self, snap: dict) -> None:
@@ -187,6 +204,8 @@ class RunState:
                 a.down.grad = a.up.grad = None
             self.optimizer.load_state_dict(snap["optimizer"])
         self.generator.set_state(snap["generator"])
+        if self.grad_scaler is not None and snap.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(snap["grad_scaler"])
 
     # -- checkpoint -----------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -195,6 +214,8 @@ class RunState:
             "arch": self.arch, "iteration": str(self.iteration), "optimizer_steps": str(self.optimizer_steps),
             "history": json.dumps(self.history[-HISTORY_KEPT:]), "last_reward": self.last_reward or "",
             "last_objective": self.last_objective or "", "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "grad_scaler": json.dumps(self.grad_scaler.state_dict()) if self.grad_scaler is not None else "",
+            "stalled_iterations": str(self.stalled_iterations),
         }
 
     def state_tensors(self) -> tuple[dict, dict]:
@@ -290,6 +311,10 @@ class RunState:
         self.history = json.loads(md.get("history", "[]"))
         self.last_reward = md.get("last_reward") or None
         self.last_objective = md.get("last_objective") or None
+        self.stalled_iterations = int(md.get("stalled_iterations") or 0)
+        self._grad_scaler_state = json.loads(md["grad_scaler"]) if md.get("grad_scaler") else None
+        if self.grad_scaler is not None and self._grad_scaler_state:
+            self.grad_scaler.load_state_dict(self._grad_scaler_state)
         self.saved_iteration = self.iteration
 
 

@@ -69,11 +69,14 @@ class PCPOTrainer:
     """Owns the optimizer loop over one rollout batch.  ``params``: trainable tensors."""
 
     def __init__(self, params, optimizer: torch.optim.Optimizer, config: PCPOConfig,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, grad_scaler=None):
         """``generator`` draws the trained timesteps; a host that keeps one per run passes it in,
-        otherwise one is seeded from ``config.seed``."""
+        otherwise one is seeded from ``config.seed``.  ``grad_scaler`` (a ``torch.amp.GradScaler``,
+        for fp16 compute) scales the loss before backward and skips a step whose gradients
+        overflowed."""
         self.params = [p for p in params]
         self.optimizer = optimizer
+        self.grad_scaler = grad_scaler
         self.config = config.validate()
         self.generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
 
@@ -95,8 +98,10 @@ class PCPOTrainer:
         ``work(predict)`` with a predictor bound to that group's conditioning (ComfyUI prepares
         conditioning per sampling call).  Gradients of all groups accumulate before each step.
 
-        Returns metrics: reward_mean/std, zero_std_groups, loss, clip_fraction (+ per step),
-        approx_kl, log_approx_error, grad_norm (pre-clip, last update), pairs, and
+        Returns metrics: reward_mean/std, zero_std_groups, loss, clip_fraction (+ per step, None
+        where no pair was trained), approx_kl, log_approx_error, grad_norm (pre-clip, last update),
+        grad_norms (every update), skipped_steps (overflow under gradient scaling), grad_scale,
+        pairs, and
         first_update_log_ratio (max mean |log rho| of the first update: 0 when the gradient pass
         reproduces the rollout exactly)."""
         if (predict is None) == (run_group is None):
@@ -135,7 +140,8 @@ class PCPOTrainer:
                                               traj.pred_old[rows, cols], traj.eps_old[rows, cols],
                                               w_native[steps], w_loss[steps], steps)
                         loss, m = objective(inp, xi=cfg.clip_range, num_steps=S)
-                        (loss * (mb.numel() / total_pairs)).backward()
+                        scaled = loss * (mb.numel() / total_pairs)
+                        (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
                         frac = mb.numel() / total_pairs / n_updates
                         st["loss"] += float(loss.detach()) * frac
                         for k in ("clip_fraction", "approx_kl", "log_approx_error"):
@@ -149,7 +155,7 @@ class PCPOTrainer:
                             on_progress(st["done"], total_calls)
             return work
 
-        grad_norm = 0.0
+        grad_norm, grad_norms, skipped = 0.0, [], 0
         for u in range(n_updates):
             self.optimizer.zero_grad(set_to_none=True)
             for g in mbs:
@@ -157,19 +163,31 @@ class PCPOTrainer:
                     run_group(g, work_for(g, u))
                 else:
                     work_for(g, u)(predict)
+            if self.grad_scaler is not None:
+                self.grad_scaler.unscale_(self.optimizer)
             grad_norm = self._clip_gradients()
-            if not math.isfinite(grad_norm):
+            grad_norms.append(grad_norm)
+            if self.grad_scaler is not None:  # skips the step when the scaled gradients overflowed
+                scale = self.grad_scaler.get_scale()
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+                skipped += int(self.grad_scaler.get_scale() < scale)
+            elif not math.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError("non-finite gradient norm; lower the learning rate or check the model dtype")
-            self.optimizer.step()
+                raise FloatingPointError("non-finite gradient norm: lower the learning rate, or use training_precision "
+                                         "fp32 or bf16")
+            else:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         cnt = st["pair_cnt"]
-        per_step = torch.where(cnt > 0, st["clip_sum"] / cnt.clamp_min(1), torch.full_like(cnt, float("nan")))
+        per_step = [float(c) / float(n) if n > 0 else None for c, n in zip(st["clip_sum"], cnt)]
         return {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
             "zero_std_groups": adv.zero_std_groups, "groups": adv.num_groups,
             "loss": st["loss"], "clip_fraction": st["clip_fraction"], "approx_kl": st["approx_kl"],
-            "log_approx_error": st["log_approx_error"], "clip_fraction_per_step": per_step.tolist(),
-            "grad_norm": grad_norm, "first_update_log_ratio": st["first_lr"],
+            "log_approx_error": st["log_approx_error"], "clip_fraction_per_step": per_step,
+            "grad_norm": grad_norm, "grad_norms": grad_norms, "skipped_steps": skipped,
+            "grad_scale": self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0,
+            "first_update_log_ratio": st["first_lr"],
             "pairs": total_pairs, "objective": cfg.objective,
         }

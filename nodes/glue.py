@@ -183,13 +183,17 @@ def trainable_patcher(model):
 
 
 def attach_lora(model, rank: int, alpha: float, preset: str, extra_regex: str = "", seed: int = 0,
-                dtype=torch.float32, adapters: dict | None = None):
-    """A trainable clone of ``model`` (:func:`trainable_patcher`) with LoRA deltas attached as
-    weight wrappers.
+                dtype=torch.float32, adapters: dict | None = None, compute_dtype=None,
+                checkpointing: bool = False):
+    """A trainable clone of ``model`` (:func:`trainable_patcher`) with LoRA adapters attached.
 
     Returns (patched clone, {module name: LoRAWeightDelta}).  Existing ``adapters`` (a resumed or
     live session) are re-attached instead of creating new ones.  Base weights are frozen; adapters
-    live on the model's load device.
+    live on the model's load device in fp32.  ``compute_dtype`` (None: the model's own) is the
+    dtype every layer computes in, in rollout and gradient pass alike; at fp32 the adapters are
+    weight wrappers (``W + delta``), at 16 bits a branch computed in fp32 beside the layer (see
+    ``LoRAWeightDelta.bypass``).  ``checkpointing`` recomputes each block's activations in the
+    backward pass instead of keeping them (:func:`checkpoint_blocks`).
     """
     from comfyui_pcpo.run import new_adapters
     if adapters is None:
@@ -200,9 +204,85 @@ def attach_lora(model, rank: int, alpha: float, preset: str, extra_regex: str = 
                              "model; try 'all-linear'")
         adapters = new_adapters(shapes, targets, rank, alpha, seed, device=model.load_device, dtype=dtype)
     mp = trainable_patcher(model)
+    if compute_dtype is not None:
+        mp.set_model_compute_dtype(compute_dtype)
+    dm = mp.model.diffusion_model
+    branch = compute_dtype is not None and compute_dtype != torch.float32
     for name, ad in adapters.items():
-        mp.add_weight_wrapper(f"diffusion_model.{name}.weight", ad)
+        if branch:
+            mp.add_object_patch(f"diffusion_model.{name}.forward", _lora_branch_forward(dm.get_submodule(name), ad))
+        else:
+            mp.add_weight_wrapper(f"diffusion_model.{name}.weight", ad)
+    if checkpointing:
+        for name in checkpoint_blocks(dm):
+            mp.add_object_patch(f"diffusion_model.{name}.forward", _checkpointed_forward(dm.get_submodule(name)))
+    mp.pcpo_compute_dtype, mp.pcpo_checkpointing = compute_dtype, bool(checkpointing)
     return mp, adapters
+
+
+def _lora_branch_forward(module, adapter):
+    """``module``'s forward plus the adapter's fp32 branch (an object patch of the trainable clone:
+    present only while that clone is loaded)."""
+    forward = type(module).forward.__get__(module)
+    conv = None
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise ValueError(f"a LoRA on a grouped or non-zero-padded convolution is not supported at 16-bit "
+                             f"training precision ({type(module).__name__}); use training_precision fp32 or "
+                             "target_layers all-linear")
+        conv = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+
+    def lora_forward(x, *args, **kwargs):
+        return adapter.bypass(x, forward(x, *args, **kwargs), conv)
+    return lora_forward
+
+
+def checkpoint_blocks(diffusion_model) -> list[str]:
+    """The blocks whose activations gradient checkpointing recomputes: every element of the model's
+    block lists (UNet input/output blocks, FLUX double/single blocks, MMDiT joint blocks) and a
+    UNet's middle block."""
+    names = []
+    for cname, child in diffusion_model.named_children():
+        if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
+            names += [f"{cname}.{i}" for i in range(len(child))]
+        elif cname == "middle_block":
+            names.append(cname)
+    return names
+
+
+def _checkpointed_forward(block):
+    forward = type(block).forward.__get__(block)
+
+    def run(*args, **kwargs):  # the recomputation in backward also adds residuals out of place
+        with out_of_place_residuals():
+            return forward(*args, **kwargs)
+
+    def checkpointed_forward(*args, **kwargs):
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return checkpointed_forward
+
+
+def load_for_training(mp, latent_shape, batch: int) -> None:
+    """Load the trainable clone whole for a gradient pass, with a training-sized memory estimate
+    (backward keeps activations: several times inference's, less with checkpointing); refuse a
+    partial (low-VRAM) load, under which offloaded weights' copies would stay alive for backward."""
+    mm = comfy.model_management
+    try:
+        per_pass = float(mp.model.memory_required([2 * int(batch), *latent_shape]))
+    except Exception:
+        per_pass = 0.0
+    factor = 2.0 if getattr(mp, "pcpo_checkpointing", False) else 6.0
+    mm.load_models_gpu([mp], memory_required=per_pass * factor, force_full_load=True)
+    loaded, size = mp.loaded_size(), mp.model_size()
+    if getattr(mp.model, "model_lowvram", False) or (size > 0 and loaded < size):
+        gb = 1024 ** 3
+        raise RuntimeError(
+            f"PCPO training needs the whole model on {mp.load_device} for the gradient pass, but ComfyUI could "
+            f"load only {loaded / gb:.1f} of {size / gb:.1f} GB (low-VRAM mode or too little free memory). Turn "
+            "gradient_checkpointing on, lower micro_batch, use an fp8 checkpoint, close other models, or start "
+            "ComfyUI without --lowvram/--novram.")
 
 
 def clone_conditioning(cond):

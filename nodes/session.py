@@ -14,11 +14,13 @@ import logging
 import os
 import re
 import uuid
+from dataclasses import dataclass
 
 import folder_paths
 
 from comfyui_pcpo import __version__
 from comfyui_pcpo.lora import TARGET_PRESETS
+from comfyui_pcpo.precision import PRECISIONS, Precision, resolve_precision
 from comfyui_pcpo.run import OPTIMIZERS, CheckpointError, RunRegistry, RunSettings, RunState
 
 from .export import check_export_names
@@ -29,6 +31,25 @@ log = logging.getLogger("comfyui-pcpo")
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 SESSIONS = RunRegistry(max_live=int(os.environ.get("PCPO_MAX_LIVE_RUNS", "2") or 2))
+CHECKPOINTING = ("auto", "on", "off")
+# architectures whose activations make gradient checkpointing worth its recomputation by default
+_LARGE_ARCHS = ("SDXL", "SD3", "Flux")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How a run computes (not part of its trained state: may change between iterations)."""
+    precision: Precision
+    checkpointing: bool
+
+    @classmethod
+    def resolve(cls, model, precision: str = "auto", checkpointing: str = "auto") -> "TrainingOptions":
+        if checkpointing not in CHECKPOINTING:
+            raise ValueError(f"gradient_checkpointing {checkpointing!r} is unknown; choose one of "
+                             f"{', '.join(CHECKPOINTING)}")
+        arch = model_family(model).arch
+        on = arch.startswith(_LARGE_ARCHS) if checkpointing == "auto" else checkpointing == "on"
+        return cls(resolve_precision(precision, model.load_device), on)
 
 
 def check_run_name(run_name: str) -> str:
@@ -45,11 +66,13 @@ def run_dir_for(run_name: str) -> str:
 class Session:
     """One run: the trainable MODEL clone plus the core :class:`RunState`."""
 
-    def __init__(self, run_name: str, base_model, settings: RunSettings, owner=None):
+    def __init__(self, run_name: str, base_model, settings: RunSettings, owner=None,
+                 options: TrainingOptions | None = None):
         self.run_name = run_name
         self.run_dir = run_dir_for(run_name)
         self.base_model = base_model
         self.family = model_family(base_model)
+        self.options = options or TrainingOptions.resolve(base_model)
         self.owner = None if owner is None else str(owner)  # id of the PCPO LoRA node that made it
         self.token = uuid.uuid4().hex                       # carried by the prompts its loop queues
         self.evicted = False
@@ -57,9 +80,14 @@ class Session:
         self._build(settings)
 
     def _build(self, settings: RunSettings) -> None:
-        self.model, adapters = attach_lora(self.base_model, settings.rank, settings.alpha,
-                                           settings.target_layers, seed=settings.seed)
+        self.model, adapters = self._attach(settings=settings)
         self.state = RunState(adapters, settings, arch=self.family.arch)
+        self.state.use_grad_scaling(self.options.precision.grad_scaling, self.base_model.load_device)
+
+    def _attach(self, settings: RunSettings | None = None, adapters: dict | None = None):
+        s = settings or RunSettings()
+        return attach_lora(self.base_model, s.rank, s.alpha, s.target_layers, seed=s.seed, adapters=adapters,
+                           compute_dtype=self.options.precision.dtype, checkpointing=self.options.checkpointing)
 
     # -- the run state, as the nodes read it ------------------------------------------------
     adapters = property(lambda self: self.live().state.adapters)
@@ -106,7 +134,16 @@ class Session:
             raise ValueError(f"run {self.run_name!r} trains a {self.family.arch} model but got a {fam.arch} "
                              "MODEL; use a new run_name for another model")
         self.base_model = base_model
-        self.model, _ = attach_lora(base_model, 0, 0, "", adapters=self.state.adapters)
+        self.model, _ = self._attach(adapters=self.state.adapters)
+
+    def set_options(self, options: TrainingOptions) -> None:
+        """Compute in another precision / with or without checkpointing from the next iteration."""
+        if options != self.options:
+            self.options = options
+            self.model, _ = self._attach(adapters=self.state.adapters)
+            self.state.use_grad_scaling(options.precision.grad_scaling, self.base_model.load_device)
+            log.info("PCPO: run %s computes in %s, gradient checkpointing %s", self.run_name,
+                     options.precision.name, "on" if options.checkpointing else "off")
 
     # -- metadata / checkpoints ----------------------------------------------------------------
     def metadata(self) -> dict:
@@ -137,9 +174,11 @@ def _evict(session: Session) -> None:
     log.info("PCPO: run %s checkpointed and released from memory", session.run_name)
 
 
-def get_session(run_name: str, model, settings: RunSettings, resume: bool, owner=None, marker=None) -> Session:
+def get_session(run_name: str, model, settings: RunSettings, resume: bool, owner=None, marker=None,
+                options: TrainingOptions | None = None) -> Session:
     """The live session for ``run_name`` (continued, resumed from disk, or new); see PCPO LoRA."""
     check_run_name(run_name)
+    options = options or TrainingOptions.resolve(model)
     sess = SESSIONS.get(run_name)
     if sess is not None:
         in_loop = marker is not None and marker.get("token") == sess.token
@@ -151,6 +190,7 @@ def get_session(run_name: str, model, settings: RunSettings, resume: bool, owner
                 log.info("PCPO: run %s: %s", run_name, ", ".join(changes))
             if sess.base_model is not model:
                 sess.rebind(model)
+            sess.set_options(options)
             return sess
         if owner is not None and sess.owner is not None and sess.owner != str(owner):
             raise ValueError(f"run_name {run_name!r} is already used by another PCPO LoRA node (node {sess.owner}) "
@@ -159,7 +199,7 @@ def get_session(run_name: str, model, settings: RunSettings, resume: bool, owner
         SESSIONS.pop(run_name)
         sess.replaced = True
         log.info("PCPO: run %s starts over (resume is off)", run_name)
-    sess = Session(run_name, model, settings, owner=owner)
+    sess = Session(run_name, model, settings, owner=owner, options=options)
     if resume and os.path.exists(sess.checkpoint_path):
         try:
             sess.state.load(sess.checkpoint_path)
@@ -211,6 +251,14 @@ class PCPOLoRA:
             "resume": ("BOOLEAN", {"default": True, "tooltip": "Resume from the run folder's checkpoint when one "
                                    "exists. Off: start the run over (its checkpoint is overwritten at the next "
                                    "update)."}),
+        }, "optional": {
+            "training_precision": (list(PRECISIONS), {"default": "auto", "tooltip":
+                                   "The precision the model computes in while training (LoRA and optimizer always "
+                                   "stay fp32). auto: bf16 on GPUs that support it, else fp16 with gradient "
+                                   "scaling; fp32 on a CPU. fp32 is exact but uses the most memory."}),
+            "gradient_checkpointing": (list(CHECKPOINTING), {"default": "auto", "tooltip":
+                                       "Recompute activations during the backward pass instead of storing them: "
+                                       "much less memory, about a third more time. auto: on for SDXL, SD3 and FLUX."}),
         }, "hidden": {"unique_id": "UNIQUE_ID", "extra_pnginfo": "EXTRA_PNGINFO", "prompt": "PROMPT"}}
 
     @classmethod
@@ -223,13 +271,15 @@ class PCPOLoRA:
         return True
 
     def create(self, model, run_name, rank, alpha, target_layers, learning_rate, optimizer, weight_decay, seed, resume,
-               unique_id=None, extra_pnginfo=None, prompt=None):
+               training_precision="auto", gradient_checkpointing="auto", unique_id=None, extra_pnginfo=None,
+               prompt=None):
         check_export_names(prompt)  # refuse before any sampling or training
         settings = RunSettings(rank=int(rank), alpha=float(alpha), target_layers=target_layers,
                                learning_rate=float(learning_rate), optimizer=optimizer,
                                weight_decay=float(weight_decay), seed=int(seed))
+        options = TrainingOptions.resolve(model, training_precision, gradient_checkpointing)
         sess = get_session(run_name, model, settings, bool(resume), owner=unique_id,
-                           marker=loop_marker(extra_pnginfo, run_name))
+                           marker=loop_marker(extra_pnginfo, run_name), options=options)
         return (sess.model, sess)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import torch
 
@@ -13,10 +14,23 @@ from comfyui_pcpo.objectives import OBJECTIVES
 from comfyui_pcpo.plan import prediction_from_denoised
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer
 
-from .glue import clone_conditioning, interrupted, run_in_guider, training_mode
+from .glue import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
 from .loop import loop_target, requeue
 
 log = logging.getLogger("comfyui-pcpo")
+
+
+STALL_LIMIT = 3  # iterations in a row without a usable gradient before the run stops with an error
+
+
+def gradient_stalled(stats: dict) -> bool:
+    """True when some group carried a reward signal but no update produced a usable gradient (all
+    zero, non-finite, or skipped for overflow)."""
+    if stats["zero_std_groups"] >= stats["groups"]:
+        return False  # every group scored its samples alike: a zero gradient is correct
+    norms = stats.get("grad_norms") or [stats["grad_norm"]]
+    usable = [n for n in norms if n > 0 and math.isfinite(n)]
+    return len(usable) <= stats.get("skipped_steps", 0) or not usable
 
 
 LOW_ETA = 0.3     # below this the policy ratio is ill-conditioned (weights grow as 1 / noise level)
@@ -31,6 +45,11 @@ def update_warnings(eta: float, stats: dict) -> list:
                    f"norms grow as 1/eta); use {LOW_ETA:g}-1.0")
     if stats.get("approx_kl", 0.0) > HIGH_KL:
         out.append(f"KL {stats['approx_kl']:.3g} per update is high: lower the learning rate or raise eta")
+    if stats.get("skipped_steps"):
+        out.append(f"{stats['skipped_steps']} optimizer step(s) skipped: fp16 gradients overflowed (the gradient "
+                   "scale was lowered)")
+    if gradient_stalled(stats):
+        out.append("no usable gradient this iteration although rewards differ within groups")
     return out
 
 
@@ -104,7 +123,8 @@ class PCPOLoRAUpdate:
         cfg = PCPOConfig(objective=objective, clip_range=clip_range, adv_clip=advantage_clip,
                          train_fraction=train_fraction, micro_batch=micro_batch, grad_clip=grad_clip,
                          updates_per_rollout=updates_per_rollout, seed=0)
-        trainer = PCPOTrainer(state.params(), state.optimizer, cfg, generator=state.generator)
+        trainer = PCPOTrainer(state.params(), state.optimizer, cfg, generator=state.generator,
+                              grad_scaler=state.grad_scaler)
         model = session.model
         device = model.load_device
         traj = batch.traj
@@ -131,6 +151,7 @@ class PCPOLoRAUpdate:
         # an iteration is atomic: any failure (Cancel included) restores the run exactly as it was
         snapshot = state.snapshot()
         try:
+            load_for_training(model, batch.latent_shape, min(G, micro_batch))
             with training_mode():
                 stats = trainer.update(traj, rewards.values, run_group=run_group, on_progress=progress)
         except BaseException as e:
@@ -140,10 +161,21 @@ class PCPOLoRAUpdate:
             raise
         summary = {k: stats[k] for k in ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm",
                                          "log_approx_error", "zero_std_groups", "first_update_log_ratio")}
-        summary.update(objective=objective, reward=rewards.name)
+        summary.update(objective=objective, reward=rewards.name, skipped_steps=stats["skipped_steps"],
+                       precision=session.options.precision.name)
+        stalled = gradient_stalled(stats)
+        state.stalled_iterations = state.stalled_iterations + 1 if stalled else 0
         state.commit(summary, int(updates_per_rollout), rewards.name, objective)
         if state.iteration % int(checkpoint_every) == 0 or state.iteration >= target:
             session.save_checkpoint()
+        if state.stalled_iterations >= STALL_LIMIT:
+            session.save_checkpoint()
+            raise RuntimeError(
+                f"PCPO {session.run_name}: no usable gradient in {state.stalled_iterations} iterations in a row although "
+                f"rewards differ within groups (gradient norm {stats['grad_norm']:.3g}, {stats['skipped_steps']} "
+                f"overflowed steps; training precision {session.options.precision.name}). With fp16 the gradients "
+                "underflow or overflow: set training_precision to bf16 or fp32. Also check that target_layers "
+                "reach the layers that shape the image. The run is saved; queue again after the change.")
         warnings = update_warnings(float(traj.meta.get("eta", 1.0)), stats)
         text = format_stats(state.iteration, stats)
         log.info("PCPO %s: %s", session.run_name, text)
