@@ -37,6 +37,9 @@ FAMILY = {
     "pcpo_sdxl_jpeg_compressibility": "sdxl",
     "pcpo_flux_dev_jpeg_compressibility": "flux",
     "demo_tiny_pcpo": "demo",
+    "pcpo_sd15_aesthetic": "sd15",
+    "pcpo_sdxl_pickscore": "sdxl",
+    "pcpo_flux_dev_hps_ocr": "flux",
 }
 NAMES = sorted(FAMILY)
 LOADER_STANDINS = {
@@ -46,6 +49,9 @@ LOADER_STANDINS = {
     "DualCLIPLoader": "PCPOTestCLIPLoader",
     "VAELoader": "PCPOTestVAELoader",
 }
+# reward loaders whose weights are not here run as a weight-free reward (OCR's weights ship in its wheel)
+REWARD_STANDINS = {"PCPOAestheticReward", "PCPOPickScoreReward", "PCPOHPSReward", "PCPOImageRewardReward",
+                   "PCPOCLIPScoreReward"}
 
 
 def _load_builder():
@@ -209,6 +215,8 @@ def shrink(api: dict, family: str, run_name: str, iterations_per_queue: int = 1)
         ct, inp = node["class_type"], node["inputs"]
         if ct in LOADER_STANDINS:
             node["class_type"], node["inputs"] = LOADER_STANDINS[ct], {"family": family}
+        elif ct in REWARD_STANDINS:
+            node["class_type"], node["inputs"] = "PCPOBuiltinReward", {"reward": "brightness"}
         elif ct == "PCPOLoRA":
             inp["run_name"] = run_name
         elif ct == "PCPOPrompts":

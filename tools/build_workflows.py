@@ -377,7 +377,86 @@ def demo() -> Workflow:
         nodes)
 
 
-WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux, demo]
+REWARD_NOTE = (
+    "## Reward models\n\n"
+    "The reward loader's files go into `models/pcpo_rewards/` as published (see the README's *Reward models*): "
+    "the Reward Scorer scores with the `PCPO_REWARD` connected to `reward_model` (its `reward` list is then "
+    "ignored). The reward model is loaded to the GPU for the scoring and given back to ComfyUI right after "
+    "(`keep_loaded` off), so it does not stay next to the training run.\n"
+)
+
+
+def _with_reward(wf: Workflow, scorer_id: int, reward_nodes: list, reward_id: int, note_id: int) -> Workflow:
+    """``wf`` with extra reward nodes whose ``reward_id`` output feeds the scorer's ``reward_model``."""
+    for node in wf.nodes:
+        if node.id == scorer_id:
+            node.links["reward_model"] = (reward_id, 0)
+    wf.nodes += reward_nodes + [N(note_id, "MarkdownNote", (1740, 900), text=REWARD_NOTE, size=(420, 240))]
+    return wf
+
+
+def sd15_aesthetic() -> Workflow:
+    wf = sd15()
+    wf.name, wf.title = "pcpo_sd15_aesthetic", "SD1.5: PCPO LoRA for the LAION aesthetic score"
+    wf.summary = wf.summary.replace("reward `jpeg-compressibility` (weight-free, DDPO's compressibility task)",
+                                    "reward: LAION aesthetic predictor v2 (DDPO's aesthetic task)")
+    for node in wf.nodes:
+        if node.type == "PCPOLoRA":
+            node.widgets["run_name"] = "pcpo_sd15_aesthetic"
+        elif node.type == "PCPOExportLoRA":
+            node.widgets["filename"] = "pcpo/pcpo_sd15_aesthetic"
+    return _with_reward(wf, 7, [N(11, "PCPOAestheticReward", (880, 900), {
+        "head": "sac+logos+ava1-l14-linearMSE.pth", "backbone": "pcpo_rewards/clip-vit-large-patch14",
+        "precision": "auto", "batch_size": 8, "keep_loaded": False})], 11, 12)
+
+
+def sdxl_pickscore() -> Workflow:
+    wf = sdxl()
+    wf.name, wf.title = "pcpo_sdxl_pickscore", "SDXL: PCPO LoRA for PickScore"
+    wf.summary = wf.summary.replace("reward `jpeg-compressibility`", "reward PickScore v1 (logit_scale.exp() * cos)")
+    for node in wf.nodes:
+        if node.type == "PCPOLoRA":
+            node.widgets["run_name"] = "pcpo_sdxl_pickscore"
+        elif node.type == "PCPOExportLoRA":
+            node.widgets["filename"] = "pcpo/pcpo_sdxl_pickscore"
+    return _with_reward(wf, 7, [N(11, "PCPOPickScoreReward", (880, 900), {
+        "model": "pcpo_rewards/PickScore_v1", "convention": "pickscore (logit_scale.exp() * cos)",
+        "precision": "auto", "batch_size": 4, "keep_loaded": False})], 11, 12)
+
+
+TEXT_PROMPTS = "\n".join([
+    "# the OCR reward scores the text in double quotes: every prompt needs one",
+    'a wooden shop sign that says "OPEN"', 'a neon sign that reads "NIGHT CAFE"',
+    'a poster with the title "SUMMER 2049"', 'a chalkboard menu that says "SOUP OF THE DAY"',
+    'a street sign that says "MAIN ST"', 'a book cover with the title "THE LAST GARDEN"',
+    'a coffee cup printed with "GOOD MORNING"', 'a banner that reads "WELCOME HOME"',
+])
+
+
+def flux_hps_ocr() -> Workflow:
+    wf = flux()
+    wf.name, wf.title = "pcpo_flux_dev_hps_ocr", "FLUX.1-dev: PCPO LoRA for HPSv2.1 + OCR text accuracy"
+    wf.summary = wf.summary.replace(
+        "reward `jpeg-compressibility`",
+        "reward: PCPO Reward Mix of HPSv2.1 and OCR text accuracy (weights 1 and 1, each normalised within its "
+        "group), prompts with quoted text")
+    for node in wf.nodes:
+        if node.type == "PCPOLoRA":
+            node.widgets["run_name"] = "pcpo_flux_dev_hps_ocr"
+        elif node.type == "PCPOExportLoRA":
+            node.widgets["filename"] = "pcpo/pcpo_flux_dev_hps_ocr"
+        elif node.type == "PCPOPrompts":
+            node.widgets["prompts"] = TEXT_PROMPTS
+    return _with_reward(wf, 9, [
+        N(14, "PCPOHPSReward", (880, 1060), {"checkpoint": "HPS_v2.1_compressed.pt", "architecture": "ViT-H-14",
+                                             "precision": "auto", "batch_size": 4, "keep_loaded": False}),
+        N(15, "PCPOOCRReward", (880, 1320), {"threads": 0}),
+        N(16, "PCPORewardMix", (1280, 1060), {"weight_1": 1.0, "weight_2": 1.0, "weight_3": 1.0, "weight_4": 1.0},
+          {"reward_1": (14, 0), "reward_2": (15, 0)}),
+    ], 16, 17)
+
+
+WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux, demo, sd15_aesthetic, sdxl_pickscore, flux_hps_ocr]
 
 
 # =========================================================================== building
