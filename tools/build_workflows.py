@@ -395,30 +395,29 @@ def _with_reward(wf: Workflow, scorer_id: int, reward_nodes: list, reward_id: in
     return wf
 
 
-def sd15_aesthetic() -> Workflow:
-    wf = sd15()
-    wf.name, wf.title = "pcpo_sd15_aesthetic", "SD1.5: PCPO LoRA for the LAION aesthetic score"
-    wf.summary = wf.summary.replace("reward `jpeg-compressibility` (weight-free, DDPO's compressibility task)",
-                                    "reward: LAION aesthetic predictor v2 (DDPO's aesthetic task)")
+def _variant(wf: Workflow, name: str, title: str, old_reward: str, new_reward: str) -> Workflow:
+    """``wf`` renamed (workflow, run and export named ``name``) with ``old_reward`` replaced in its summary."""
+    wf.name, wf.title, wf.summary = name, title, wf.summary.replace(old_reward, new_reward)
     for node in wf.nodes:
         if node.type == "PCPOLoRA":
-            node.widgets["run_name"] = "pcpo_sd15_aesthetic"
+            node.widgets["run_name"] = name
         elif node.type == "PCPOExportLoRA":
-            node.widgets["filename"] = "pcpo/pcpo_sd15_aesthetic"
+            node.widgets["filename"] = f"pcpo/{name}"
+    return wf
+
+
+def sd15_aesthetic() -> Workflow:
+    wf = _variant(sd15(), "pcpo_sd15_aesthetic", "SD1.5: PCPO LoRA for the LAION aesthetic score",
+                  "reward `jpeg-compressibility` (weight-free, DDPO's compressibility task)",
+                  "reward: LAION aesthetic predictor v2 (DDPO's aesthetic task)")
     return _with_reward(wf, 7, [N(11, "PCPOAestheticReward", (880, 900), {
         "head": "sac+logos+ava1-l14-linearMSE.pth", "backbone": "pcpo_rewards/clip-vit-large-patch14",
         "precision": "auto", "batch_size": 8, "keep_loaded": False})], 11, 12)
 
 
 def sdxl_pickscore() -> Workflow:
-    wf = sdxl()
-    wf.name, wf.title = "pcpo_sdxl_pickscore", "SDXL: PCPO LoRA for PickScore"
-    wf.summary = wf.summary.replace("reward `jpeg-compressibility`", "reward PickScore v1 (logit_scale.exp() * cos)")
-    for node in wf.nodes:
-        if node.type == "PCPOLoRA":
-            node.widgets["run_name"] = "pcpo_sdxl_pickscore"
-        elif node.type == "PCPOExportLoRA":
-            node.widgets["filename"] = "pcpo/pcpo_sdxl_pickscore"
+    wf = _variant(sdxl(), "pcpo_sdxl_pickscore", "SDXL: PCPO LoRA for PickScore", "reward `jpeg-compressibility`",
+                  "reward PickScore v1 (logit_scale.exp() * cos)")
     return _with_reward(wf, 7, [N(11, "PCPOPickScoreReward", (880, 900), {
         "model": "pcpo_rewards/PickScore_v1", "convention": "pickscore (logit_scale.exp() * cos)",
         "precision": "auto", "batch_size": 4, "keep_loaded": False})], 11, 12)
@@ -434,18 +433,12 @@ TEXT_PROMPTS = "\n".join([
 
 
 def flux_hps_ocr() -> Workflow:
-    wf = flux()
-    wf.name, wf.title = "pcpo_flux_dev_hps_ocr", "FLUX.1-dev: PCPO LoRA for HPSv2.1 + OCR text accuracy"
-    wf.summary = wf.summary.replace(
-        "reward `jpeg-compressibility`",
-        "reward: PCPO Reward Mix of HPSv2.1 and OCR text accuracy (weights 1 and 1, each normalised within its "
-        "group), prompts with quoted text")
+    wf = _variant(flux(), "pcpo_flux_dev_hps_ocr", "FLUX.1-dev: PCPO LoRA for HPSv2.1 + OCR text accuracy",
+                  "reward `jpeg-compressibility`",
+                  "reward: PCPO Reward Mix of HPSv2.1 and OCR text accuracy (weights 1 and 1, each normalised "
+                  "within its group), prompts with quoted text")
     for node in wf.nodes:
-        if node.type == "PCPOLoRA":
-            node.widgets["run_name"] = "pcpo_flux_dev_hps_ocr"
-        elif node.type == "PCPOExportLoRA":
-            node.widgets["filename"] = "pcpo/pcpo_flux_dev_hps_ocr"
-        elif node.type == "PCPOPrompts":
+        if node.type == "PCPOPrompts":
             node.widgets["prompts"] = TEXT_PROMPTS
     return _with_reward(wf, 9, [
         N(14, "PCPOHPSReward", (880, 1060), {"checkpoint": "HPS_v2.1_compressed.pt", "architecture": "ViT-H-14",
