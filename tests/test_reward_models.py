@@ -231,6 +231,9 @@ def test_aesthetic_reward_with_comfy_clip_vision_backbone(pcpo, reward_dir):
     with torch.no_grad():
         ref = head(e / e.norm(dim=-1, keepdim=True)).squeeze(1).double()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    w = torch.randn(3, 5)  # a CLIP vision model of another width than the head's
+    with pytest.raises(ValueError, match="gives 5-d embeddings.*ViT-L/14"):
+        score_node(pcpo, imgs, PROMPTS, reward)
 
 
 def test_aesthetic_missing_or_wrong_file_errors_name_folder_and_source(pcpo, reward_dir):

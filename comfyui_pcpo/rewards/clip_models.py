@@ -168,8 +168,11 @@ class AestheticReward(ModelReward):
 
     def _score_batch(self, images, prompts):
         head = self.module["head"]
-        e = l2n(self.image_embeddings(images).to(head.layers[0].weight))
-        return head(e).squeeze(1)
+        e = self.image_embeddings(images)
+        if e.shape[-1] != head.layers[0].in_features:
+            raise ValueError(f"the CLIP vision model gives {e.shape[-1]}-d embeddings but the aesthetic head takes "
+                             f"{head.layers[0].in_features}-d ones: use the OpenAI CLIP ViT-L/14 (768-d)")
+        return head(l2n(e.to(head.layers[0].weight))).squeeze(1)
 
 
 PICKSCORE_CONVENTIONS = {
