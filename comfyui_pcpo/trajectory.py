@@ -75,6 +75,14 @@ class Trajectory:
                           mv(self.group_ids, False), mv(self.prompt_index, False),
                           self.plan, list(self.prompts), dict(self.meta))
 
+    def pin_memory(self) -> "Trajectory":
+        """The same record in page-locked CPU memory (faster, asynchronous copies of each micro-batch
+        to a GPU); a no-op copy-free return when no CUDA device is available."""
+        if not torch.cuda.is_available():
+            return self
+        return Trajectory(self.latents.pin_memory(), self.eps_old.pin_memory(), self.pred_old.pin_memory(),
+                          self.group_ids, self.prompt_index, self.plan, list(self.prompts), dict(self.meta))
+
     def save(self, path: str) -> None:
         tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in _TENSORS}
         md = {"plan": json.dumps(self.plan.to_dict()), "prompts": json.dumps(self.prompts),

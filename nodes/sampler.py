@@ -91,8 +91,11 @@ class PCPOTrajectorySampler:
                               "flow models (DanceGRPO eta 0.3; Flow-GRPO a = 0.7). Below 0.3 the update warns: "
                               "the policy ratio becomes ill-conditioned at low noise."}),
             "rollout_variant": (list(VARIANTS), {"default": "uw-sigma", "tooltip":
-                                "PCPO rollout: uw-sigma (reference: reshaped rollout noise, constant loss weight), "
-                                "uw-lambda (exact constant weight; two model calls per step), native (plain DDIM)."}),
+                                "How the rollout adds noise. uw-sigma (pick this for SD1.x/SDXL): the PCPO "
+                                "reference, noise reshaped so every step weighs the same in the loss. uw-lambda: the "
+                                "exact equal weighting, twice the model calls per step. native: plain DDIM noise. "
+                                "Flow models (SD3, FLUX) use their own SDE: uw-lambda applies there, uw-sigma and "
+                                "native both mean the plain flow SDE."}),
             "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip":
                                 "Flow models only: constant eta (DanceGRPO) or a*sqrt(t/(1-t)) (Flow-GRPO)."}),
             "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"default": "simple", "tooltip":
@@ -191,6 +194,7 @@ class PCPOTrajectorySampler:
         traj = make_trajectory(records, plan, gid, gid, texts,
                                {"arch": fam.arch, "cfg": cfg, "seed": seed, "iteration": iteration,
                                 "variant": rollout_variant, "eta": eta, "flow_noise_rule": flow_noise_rule})
+        traj = traj.pin_memory()  # stays on the CPU; each micro-batch moves to the device in the update
         batch = RolloutBatch(traj, conds, float(cfg), shape, session.run_name, iteration, uuid.uuid4().hex, fam,
                              session.token)
         return ({"samples": torch.cat(finals, 0)}, batch)
