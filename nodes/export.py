@@ -64,12 +64,15 @@ def _clear_lora_list_cache() -> None:
         helper.cache.pop("loras", None)
 
 
+RUN_TOKEN = "{run}"  # in an export name: replaced by the run name
+
+
 def filename_error(filename) -> str | None:
     """Why ``filename`` cannot be an export name, or None when it can (or is not a constant)."""
     if not isinstance(filename, str):
         return None
     try:
-        safe_output_path(folder_paths.get_folder_paths("loras")[0], filename)
+        safe_output_path(folder_paths.get_folder_paths("loras")[0], filename.replace(RUN_TOKEN, "run"))
     except ValueError as e:
         return f"PCPO Export LoRA filename: {e}"
     return None
@@ -99,9 +102,10 @@ class PCPOExportLoRA:
                 "session": ("PCPO_SESSION", {
                     "tooltip": "The PCPO training session whose LoRA to save (its current adapters)."}),
                 "filename": ("STRING", {
-                    "default": "pcpo/pcpo_lora",
+                    "default": "pcpo/{run}",
                     "tooltip": "File name relative to ComfyUI's first loras folder; subfolders allowed "
-                               "(e.g. 'pcpo/run1'), '.safetensors' is appended. Absolute paths and '..' "
+                               "(e.g. 'pcpo/run1'), '.safetensors' is appended, {run} becomes the run name "
+                               "(the default 'pcpo/{run}' gives every run its own file). Absolute paths and '..' "
                                "are rejected. An existing file of that name is replaced."}),
                 "dtype": (["fp16", "bf16", "fp32"], {
                     "default": "fp16",
@@ -148,6 +152,7 @@ class PCPOExportLoRA:
         if not adapters:
             raise ValueError("PCPO Export LoRA: the session has no LoRA adapters to save")
         root = folder_paths.get_folder_paths("loras")[0]
+        filename = filename.replace(RUN_TOKEN, session.run_name)  # run names are checked by PCPO LoRA
         path = safe_output_path(root, filename)
         tdtype = DTYPES[dtype]
         family = session.family

@@ -238,13 +238,16 @@ class PCPOLoRA:
             "target_layers": (list(TARGET_PRESETS), {"default": "attention", "tooltip":
                               "Which layers get a LoRA: attention projections (reference), + MLPs, all linear "
                               "layers, or all linear and conv layers. Fixed for the life of a run."}),
-            "learning_rate": ("FLOAT", {"default": 3e-4, "min": 0.0, "max": 1.0, "step": 1e-5, "round": False,
-                                        "tooltip": "Optimizer learning rate (reference for LoRA: 3e-4). A new value "
-                                        "applies from the next update, also after resuming."}),
+            "learning_rate": ("FLOAT", {"default": 3e-4, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
+                                        "tooltip": "Optimizer learning rate (6 decimals, e.g. 0.000005 = 5e-6). "
+                                        "Start with 3e-4 for a LoRA (the reference); lower it (1e-4 or less) if the "
+                                        "reward jumps around or the images break, raise it if nothing changes in 20 "
+                                        "iterations. A new value applies from the next update, also after resuming."}),
             "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "AdamW/Adam use betas 0.9/0.999, eps "
                           "1e-8; SGD uses momentum 0.9. Fixed for the life of a run."}),
-            "weight_decay": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5, "round": False,
-                                       "tooltip": "Decoupled weight decay (AdamW) / L2 (SGD); Adam ignores it."}),
+            "weight_decay": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
+                                       "tooltip": "Pulls the LoRA weights towards zero a little every step (AdamW: "
+                                       "decoupled; SGD: L2; Adam ignores it). 1e-4 is a safe default; 0 turns it off."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip":
                              "Seeds the LoRA initialisation and the choice of trained timesteps. Fixed for the life "
                              "of a run."}),

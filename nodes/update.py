@@ -22,6 +22,7 @@ log = logging.getLogger("comfyui-pcpo")
 
 STALL_LIMIT = 3  # iterations in a row without a usable gradient before the run stops with an error
 
+RUNNING_MEAN_OF = 10  # iterations in the running mean of the reward shown on the node (web/pcpo.js)
 
 def gradient_stalled(stats: dict) -> bool:
     """True when some group carried a reward signal but no update produced a usable gradient (all
@@ -55,6 +56,20 @@ def update_warnings(eta: float, stats: dict) -> list:
 
 def format_stats(it: int, s: dict) -> str:
     return (f"iter {it}: reward {s['reward_mean']:.4f} ± {s['reward_std']:.4f} | clip {s['clip_fraction']:.3f} | "
+def strict_json(value):
+    """``value`` with every NaN/inf float (also inside lists and dicts) as None, and tensors as numbers,
+    so ``json.dumps(..., allow_nan=False)`` writes strict JSON (NaN -> null)."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return strict_json(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
             f"kl {s['approx_kl']:.2e} | grad {s['grad_norm']:.3g} | zero-std groups {s['zero_std_groups']}/{s['groups']}")
 
 
@@ -76,10 +91,15 @@ class PCPOLoRAUpdate:
             "trajectory": ("PCPO_TRAJECTORY", {"tooltip": "The rollout from the Trajectory Sampler."}),
             "rewards": ("PCPO_REWARDS", {"tooltip": "Its rewards from the Reward Scorer."}),
             "objective": (list(OBJECTIVES), {"default": "pcpo", "tooltip":
-                          "pcpo: log-hinge with proportionate credit; grpo-clip: DanceGRPO/Flow-GRPO clipped ratio; "
-                          "ddpo: DDPO score-function (REINFORCE)."}),
-            "clip_range": ("FLOAT", {"default": 1e-4, "min": 1e-6, "max": 1.0, "step": 1e-5, "round": False,
-                                     "tooltip": "xi: trust-region width of the hinge / ratio clip (reference 1e-4)."}),
+                          "How the rewards change the LoRA. pcpo (pick this): every denoising step gets credit in "
+                          "proportion to its share of the image, with a clipped (log-hinge) loss that keeps each "
+                          "update small. grpo-clip: the DanceGRPO/Flow-GRPO loss, for comparison. ddpo: plain "
+                          "policy gradient (REINFORCE) without clipping, for comparison."}),
+            "clip_range": ("FLOAT", {"default": 1e-4, "min": 1e-6, "max": 1.0, "step": 1e-6, "round": False,
+                                     "tooltip": "How far one update may move the model (the trust region, 'xi' in the "
+                                     "paper), 6 decimals. Keep the reference 1e-4; lower it (5e-5) if the KL in the "
+                                     "stats is high or the images break, raise it (2e-4) if the clip fraction stays "
+                                     "near 1."}),
             "advantage_clip": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.5,
                                          "tooltip": "Clip normalised advantages to [-c, c] (0 = off)."}),
             "train_fraction": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 1.0, "step": 0.05, "tooltip":
@@ -184,9 +204,14 @@ class PCPOLoRAUpdate:
         if state.iteration < target:
             if not requeue(prompt, extra_pnginfo, session.run_name, target, token=session.token):
                 log.info("PCPO: no server queue to loop on; run the next iteration by queueing again")
-        stats_json = json.dumps({**stats, "iteration": state.iteration, "target_iteration": target,
-                                 "optimizer_steps": state.optimizer_steps, "warnings": warnings})
-        return {"ui": {"text": [text] + [f"warning: {w}" for w in warnings]}, "result": (model, stats_json)}
+        stats_json = json.dumps(strict_json({**stats, "iteration": state.iteration, "target_iteration": target,
+                                             "optimizer_steps": state.optimizer_steps, "warnings": warnings}),
+                                allow_nan=False)
+        recent = [h["reward_mean"] for h in state.history[-RUNNING_MEAN_OF:]]
+        shown = {"iteration": state.iteration, "target_iteration": target, "reward_mean": stats["reward_mean"],
+                 "running_mean": sum(recent) / len(recent), "running_count": len(recent)}
+        return {"ui": {"text": [text] + [f"warning: {w}" for w in warnings], "pcpo_stats": [shown]},
+                "result": (model, stats_json)}
 
 
 NODE_CLASS_MAPPINGS = {"PCPOLoRAUpdate": PCPOLoRAUpdate}

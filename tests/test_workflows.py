@@ -40,6 +40,7 @@ FAMILY = {
     "pcpo_sd15_aesthetic": "sd15",
     "pcpo_sdxl_pickscore": "sdxl",
     "pcpo_flux_dev_hps_ocr": "flux",
+    "demo_tiny_human_rating": "demo",  # headless: no page to rate on, the unrated rule scores every group
 }
 NAMES = sorted(FAMILY)
 LOADER_STANDINS = {

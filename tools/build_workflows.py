@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -200,7 +201,9 @@ LOOP_NOTE = (
     "Press **Queue** once: every queued prompt is one iteration (sample a group of images per "
     "prompt -> decode -> score -> update the LoRA -> export), and **PCPO LoRA Update** puts the "
     "workflow back on the queue until `iterations_per_queue` iterations have run. **Cancel** "
-    "(or clearing the queue) stops the loop; queueing again continues the same run.\n\n"
+    "(the running prompt's cancel button, or Ctrl+Alt+Enter) stops the loop; clearing the queue does "
+    "not, because the next iteration is queued only when the current one has finished. Queueing again "
+    "continues the same run. The Update node shows the latest stats and a running mean of the reward.\n\n"
     "* The run lives in `output/pcpo/<run_name>/` (checkpoint after every `checkpoint_every` "
     "iterations): after a restart, the same `run_name` resumes. A new `run_name` starts a new run.\n"
     "* The trained LoRA is written to `models/loras/<filename>.safetensors` by **PCPO Export LoRA**; "
@@ -449,7 +452,43 @@ def flux_hps_ocr() -> Workflow:
     ], 16, 17)
 
 
-WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux, demo, sd15_aesthetic, sdxl_pickscore, flux_hps_ocr]
+HUMAN_NOTE = (
+    "## You are the reward\n\n"
+    "**PCPO Human Rating** replaces the Reward Scorer: press **Queue** and a panel opens on the page with "
+    "every group of 4 samples and its prompt. Try rating for *more saturated colours*: click the most "
+    "saturated image (best), shift-click or right-click the dullest (worst), Enter for the next group; "
+    "keys 1-4 pick best, Shift+1-4 worst, S skips a group. A skipped group (or every group after "
+    "`timeout_s`) is scored by the `saturation` reward instead (`unrated`), or skipped. After a few "
+    "iterations the samples get more colourful. Ratings are appended to "
+    "`output/pcpo/demo_tiny_human_rating/ratings.jsonl` with the rated images in `rated/`.\n\n"
+    "Set `human_groups` to 1 to rate one group per iteration and let the model reward score the rest "
+    "(mixed mode; `calibration: rank` puts both on one scale).\n"
+)
+
+
+def demo_human() -> Workflow:
+    wf = _variant(demo(), "demo_tiny_human_rating", "Demo: you rate the tiny model's samples (CPU)",
+                  "reward `prompt-colour-agreement`, 30 iterations per Queue",
+                  "rewards from your ratings in the page (PCPO Human Rating), 5 iterations per Queue")
+    wf.summary = wf.summary.replace("4 prompts x 8 samples", "2 prompts x 4 samples")
+    for node in wf.nodes:
+        if node.type == "PCPOPrompts":
+            node.widgets["prompts_per_iteration"] = 2
+        elif node.type == "PCPOTrajectorySampler":
+            node.widgets["group_size"] = 4
+        elif node.type == "PCPOLoRAUpdate":
+            node.widgets.update(iterations_per_queue=5, checkpoint_every=1, micro_batch=4)
+        elif node.type == "MarkdownNote":
+            node.text = HUMAN_NOTE + "\n\n" + LOOP_NOTE
+        elif node.type == "PCPORewardScorer":
+            node.type = "PCPOHumanRating"
+            node.widgets = {"mode": "best-worst", "human_groups": 0, "unrated": "model reward",
+                            "calibration": "rank", "timeout_s": 900, "reward": "saturation", "prompt": ""}
+    return wf
+
+
+WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux, demo, sd15_aesthetic, sdxl_pickscore, flux_hps_ocr,
+                                           demo_human]
 
 
 # =========================================================================== building
@@ -500,6 +539,24 @@ def _topo_order(wf: Workflow) -> dict:
             order[i] = len(order)
             done.add(i)
     return order
+
+
+VIEW = (1600, 900)        # the window the stored view fits (CSS px)
+VIEW_TOP, VIEW_LEFT = 110, 20  # room for the frontend's menu and tab bars, and a margin
+
+
+def stored_view(wf: Workflow, defs: Callable[[str], NodeDef]) -> dict:
+    """Canvas scale and offset that show the whole graph below the tab bar in a VIEW-sized window
+    (LiteGraph draws a point at (pos + offset) * scale)."""
+    boxes = []
+    for n in wf.nodes:
+        w, h = _node_size(n, None if n.type in FRONTEND_ONLY else defs(n.type))
+        boxes.append((n.pos[0], n.pos[1] - 30, n.pos[0] + w, n.pos[1] + h))  # 30: the title bar
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    scale = min(0.8, (VIEW[0] - 2 * VIEW_LEFT) / (x1 - x0), (VIEW[1] - VIEW_TOP - VIEW_LEFT) / (y1 - y0))
+    scale = math.floor(scale * 100) / 100
+    return {"scale": scale, "offset": [round(VIEW_LEFT / scale - x0, 1), round(VIEW_TOP / scale - y0, 1)]}
 
 
 def build_ui(wf: Workflow, defs: Callable[[str], NodeDef]) -> dict:
@@ -567,7 +624,7 @@ def build_ui(wf: Workflow, defs: Callable[[str], NodeDef]) -> dict:
         "links": links,
         "groups": groups,
         "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "pcpo_workflow": {"name": wf.name, "title": wf.title,
+        "extra": {"ds": stored_view(wf, defs), "pcpo_workflow": {"name": wf.name, "title": wf.title,
                                                                              "summary": wf.summary}},
         "version": 0.4,
     }

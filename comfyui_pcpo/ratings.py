@@ -1,0 +1,250 @@
+"""Human ratings as a PCPO reward (no ComfyUI imports).
+
+A rating request shows the rollout's images group by group (a group shares one prompt and one initial
+noise).  A person rates a group in one of two modes:
+
+* ``best-worst``: picks the best and the worst image (values +1 / -1, the others 0);
+* ``score``: gives every image a score from 1 to 5.
+
+A group the person did not rate is either completed by a model reward or skipped (all its rewards
+equal: zero advantage).  ``calibration="rank"`` maps every group's values, human or model, to centred
+ranks in [-1, 1] (ties share their mean rank), so human and model groups share one scale; ``"none"``
+keeps human values ((score - 3) / 2, or +1/0/-1) and raw model rewards.
+
+Submissions are validated against the request the server issued (:func:`validate_submission`); every
+rating is appended, with the images' ids, to ``ratings.jsonl`` in the run folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+MODES = ("best-worst", "score")
+CALIBRATIONS = ("rank", "none")
+SCORE_MIN, SCORE_MAX = 1, 5
+MAX_BODY_BYTES = 64 * 1024
+REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+IMAGE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+class RatingError(ValueError):
+    """A submission that does not fit the pending request (answered with HTTP 400)."""
+
+
+@dataclass
+class RatingRequest:
+    """One pending rating: what the page shows and what a submission must match."""
+    run_name: str
+    iteration: int
+    mode: str
+    groups: list            # [{"group": int, "prompt": str, "images": [image id, ...]}] (human-rated groups)
+    timeout_s: float
+    total_groups: int = 0   # groups in the rollout (mixed mode rates only some)
+    request_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    created: float = field(default_factory=time.time)
+    images: dict = field(default_factory=dict)      # image id -> PNG bytes (served by the route)
+    result: dict | None = None                      # validated ratings once submitted
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def public(self) -> dict:
+        """What the page gets (no paths, no bytes)."""
+        return {"request_id": self.request_id, "run": self.run_name, "iteration": self.iteration,
+                "mode": self.mode, "groups": self.groups, "total_groups": self.total_groups,
+                "timeout_s": self.timeout_s,
+                "seconds_left": max(0.0, self.created + self.timeout_s - time.time())}
+
+
+def image_id(run_name: str, iteration: int, index: int, png: bytes) -> str:
+    """A stable id of one rated image (its content, run, iteration and batch index)."""
+    import hashlib
+    h = hashlib.sha256(f"{run_name}\0{iteration}\0{index}\0".encode() + png)
+    return h.hexdigest()[:16]
+
+
+def _int(v, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise RatingError(f"{name} must be an integer from {lo} to {hi}")
+    return v
+
+
+def validate_submission(request: RatingRequest, payload) -> dict:
+    """Check a client's submission against ``request``; return {group index: rating} where a rating is
+    {"best": id, "worst": id} or {"scores": {id: 1..5}}.  Groups left out are unrated.  Anything
+    else (unknown keys, wrong types, out-of-range scores, image ids of another group) raises
+    :class:`RatingError`."""
+    if not isinstance(payload, dict):
+        raise RatingError("the body must be a JSON object")
+    extra = set(payload) - {"request_id", "ratings"}
+    if extra:
+        raise RatingError(f"unknown fields: {sorted(extra)}")
+    if payload.get("request_id") != request.request_id:
+        raise RatingError("request_id does not name the pending rating request")
+    ratings = payload.get("ratings")
+    if not isinstance(ratings, dict):
+        raise RatingError("ratings must be an object {group index: rating}")
+    groups = {g["group"]: g for g in request.groups}
+    out = {}
+    for key, r in ratings.items():
+        if not isinstance(key, str) or not re.fullmatch(r"\d{1,4}", key) or int(key) not in groups:
+            raise RatingError(f"group {key!r} is not in this request")
+        ids = groups[int(key)]["images"]
+        if not isinstance(r, dict):
+            raise RatingError(f"group {key}: a rating must be an object")
+        if request.mode == "best-worst":
+            if set(r) != {"best", "worst"}:
+                raise RatingError(f"group {key}: best-worst ratings have exactly the keys best and worst")
+            best, worst = r["best"], r["worst"]
+            if best not in ids or worst not in ids:
+                raise RatingError(f"group {key}: best and worst must be image ids of this group")
+            if best == worst:
+                raise RatingError(f"group {key}: best and worst must differ")
+            out[int(key)] = {"best": best, "worst": worst}
+        else:
+            if set(r) != {"scores"} or not isinstance(r["scores"], dict):
+                raise RatingError(f"group {key}: score ratings have exactly the key scores")
+            scores = r["scores"]
+            if set(scores) != set(ids):
+                raise RatingError(f"group {key}: scores must rate every image of the group, by id")
+            out[int(key)] = {"scores": {i: _int(scores[i], f"group {key}: score", SCORE_MIN, SCORE_MAX) for i in ids}}
+    return out
+
+
+def human_values(rating: dict, ids: list) -> list:
+    """One group's rating as values in [-1, 1], in the order of ``ids``."""
+    if "scores" in rating:
+        return [(rating["scores"][i] - 3) / 2 for i in ids]
+    return [1.0 if i == rating["best"] else -1.0 if i == rating["worst"] else 0.0 for i in ids]
+
+
+def centred_ranks(values: list) -> list:
+    """Ranks scaled to [-1, 1] (lowest -1, highest +1), ties sharing their mean rank; a group of
+    equal values (or of one sample) is all zeros."""
+    n = len(values)
+    if n < 2:
+        return [0.0] * n
+    order = sorted(range(n), key=lambda i: values[i])
+    ranks = [0.0] * n
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    half = (n - 1) / 2
+    return [(r - half) / half for r in ranks]
+
+
+def combine(group_ids: list, image_ids: list, ratings: dict, model_values: list | None,
+            calibration: str = "rank") -> tuple[list, list]:
+    """Per-sample rewards from human ratings (groups in ``ratings``) and, for the other groups, the
+    model reward ``model_values`` (None: those groups are skipped, all zeros).
+
+    Returns (values, sources) with one source per group index in order of first appearance:
+    ``"human"``, ``"model"`` or ``"skipped"``."""
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}")
+    values = [0.0] * len(group_ids)
+    sources = {}
+    for g in dict.fromkeys(group_ids):
+        idx = [i for i, gi in enumerate(group_ids) if gi == g]
+        if g in ratings:
+            vals, src = human_values(ratings[g], [image_ids[i] for i in idx]), "human"
+        elif model_values is not None:
+            vals, src = [float(model_values[i]) for i in idx], "model"
+        else:
+            vals, src = [0.0] * len(idx), "skipped"
+        if calibration == "rank" and src != "skipped":
+            vals = centred_ranks(vals)
+        for i, v in zip(idx, vals):
+            values[i] = float(v)
+        sources[g] = src
+    return values, [sources[g] for g in sources]
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one JSON line (strict JSON) and flush it to disk."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    line = json.dumps(record, allow_nan=False, sort_keys=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> list:
+    """The records of a ratings file (a torn last line, from a crash mid-write, is ignored)."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+class Registry:
+    """The pending rating requests of this process (one per Human Rating node that is waiting)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: dict[str, RatingRequest] = {}
+
+    def add(self, req: RatingRequest) -> None:
+        with self._lock:
+            self._pending[req.request_id] = req
+
+    def remove(self, request_id: str) -> None:
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    def get(self, request_id) -> RatingRequest | None:
+        if not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
+            return None
+        with self._lock:
+            return self._pending.get(request_id)
+
+    def pending(self) -> list:
+        with self._lock:
+            return [r for r in self._pending.values() if not r.done.is_set()]
+
+    def submit(self, payload) -> RatingRequest:
+        req = self.get(payload.get("request_id") if isinstance(payload, dict) else None)
+        if req is None:
+            raise LookupError("no pending rating request with this id")
+        result = validate_submission(req, payload)
+        with self._lock:
+            if req.done.is_set():
+                raise LookupError("this rating request is already answered")
+            req.result = result
+            req.done.set()
+        return req
+
+    def cancel(self, request_id) -> RatingRequest:
+        req = self.get(request_id)
+        if req is None:
+            raise LookupError("no pending rating request with this id")
+        with self._lock:
+            if req.done.is_set():
+                raise LookupError("this rating request is already answered")
+            req.cancelled = True
+            req.done.set()
+        return req
+
+
+REGISTRY = Registry()
