@@ -16,6 +16,8 @@ from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer
 
 from .glue import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
 from .loop import loop_target, requeue
+from .dashboard import record_iteration
+from .heldout import apply_guard_lr
 
 log = logging.getLogger("comfyui-pcpo")
 
@@ -143,6 +145,7 @@ class PCPOLoRAUpdate:
         cfg = PCPOConfig(objective=objective, clip_range=clip_range, adv_clip=advantage_clip,
                          train_fraction=train_fraction, micro_batch=micro_batch, grad_clip=grad_clip,
                          updates_per_rollout=updates_per_rollout, seed=0)
+        apply_guard_lr(session)  # a learning rate the Reward Guard lowered
         trainer = PCPOTrainer(state.params(), state.optimizer, cfg, generator=state.generator,
                               grad_scaler=state.grad_scaler)
         model = session.model
@@ -188,6 +191,7 @@ class PCPOLoRAUpdate:
         state.commit(summary, int(updates_per_rollout), rewards.name, objective)
         if state.iteration % int(checkpoint_every) == 0 or state.iteration >= target:
             session.save_checkpoint()
+        record_iteration(session, stats)  # metrics.jsonl line of this iteration (dashboard)
         if state.stalled_iterations >= STALL_LIMIT:
             session.save_checkpoint()
             raise RuntimeError(

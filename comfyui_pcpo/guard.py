@@ -1,0 +1,151 @@
+"""Reward-hacking guard (host-free): keep the best state by held-out reward, and roll back to it
+exactly when the held-out evaluation says the run went wrong.
+
+After each held-out evaluation (:func:`judge`):
+
+* the run *trips* when the held-out training reward is more than ``heldout_margin`` below its best,
+  when a guard reward is more than ``guard_margin`` below the highest value it had at an admissible
+  evaluation, or when the KL to the base model passes ``kl_bound`` (0 = no bound);
+* an evaluation that does not trip is *admissible*; the best state is the admissible one with the
+  highest held-out training reward (so a state that bought its reward with a falling guard reward
+  is never the best one);
+* on a trip the run is rolled back to the best state -- LoRA, optimizer state, timestep generator
+  and gradient scaler, bit for bit (:func:`rollback`) -- while its iteration count and history go on
+  (the next rollouts draw new noise), and then the chosen action happens: ``stop`` the loop,
+  ``lower_lr`` (multiply the learning rate by ``lr_factor`` from then on), or ``continue``.
+
+The best state is one run-checkpoint file (``best.safetensors`` beside the run checkpoint, the same
+format); the guard's own state (best score and iteration, the guard rewards' references, the
+learning-rate scale and the log of every rollback with its reason) is ``guard.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .run import RunState
+from .trajectory import atomic_save_safetensors
+
+ACTIONS = ("stop", "lower_lr", "continue")
+BEST_FILE = "best.safetensors"
+GUARD_FILE = "guard.json"
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    heldout_margin: float = 0.05    # held-out reward this far below its best: roll back
+    guard_margin: float = 0.05      # a guard reward this far below its reference: roll back
+    kl_bound: float = 0.0           # KL to the base model above this: roll back (0 = no bound)
+    action: str = "lower_lr"
+    lr_factor: float = 0.5
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"guard action {self.action!r} is unknown; choose one of {', '.join(ACTIONS)}")
+        for k in ("heldout_margin", "guard_margin", "kl_bound"):
+            v = float(getattr(self, k))
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{k} must be a number >= 0, got {v}")
+        if not (0 < float(self.lr_factor) <= 1):
+            raise ValueError(f"lr_factor must be in (0, 1], got {self.lr_factor}")
+
+
+@dataclass
+class GuardState:
+    best_score: Optional[float] = None
+    best_iteration: Optional[int] = None
+    guard_ref: dict = field(default_factory=dict)   # guard reward -> its highest admissible value
+    lr_scale: float = 1.0
+    rollbacks: list = field(default_factory=list)   # {"iteration", "to_iteration", "reason", "action"}
+    evaluations: int = 0
+    stopped_at: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GuardState":
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "GuardState":
+        if not os.path.exists(path):
+            return cls()
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+@dataclass
+class Verdict:
+    reasons: list           # why the run trips (empty: admissible)
+    new_best: bool          # this evaluation is the best admissible one so far
+
+    @property
+    def tripped(self) -> bool:
+        return bool(self.reasons)
+
+
+def judge(cfg: GuardConfig, gs: GuardState, iteration: int, heldout: float, guards: dict,
+          kl: Optional[float]) -> Verdict:
+    """Decide on one held-out evaluation and update ``gs``'s references (not the best: the caller
+    records a new best with :meth:`accept_best` once its state is saved)."""
+    reasons = []
+    if gs.best_score is not None and heldout < gs.best_score - cfg.heldout_margin:
+        reasons.append(f"held-out reward {heldout:.4g} fell {gs.best_score - heldout:.3g} below its best "
+                       f"{gs.best_score:.4g} (iteration {gs.best_iteration}; margin {cfg.heldout_margin:g})")
+    for name, v in sorted(guards.items()):
+        ref = gs.guard_ref.get(name)
+        if ref is not None and v < ref - cfg.guard_margin:
+            reasons.append(f"guard reward {name} {v:.4g} fell {ref - v:.3g} below {ref:.4g} "
+                           f"(margin {cfg.guard_margin:g})")
+    if cfg.kl_bound > 0 and kl is not None and kl > cfg.kl_bound:
+        reasons.append(f"KL to the base model {kl:.4g} passed the bound {cfg.kl_bound:g}")
+    gs.evaluations += 1
+    if reasons:
+        return Verdict(reasons, False)
+    for name, v in guards.items():
+        gs.guard_ref[name] = max(v, gs.guard_ref.get(name, -math.inf))
+    return Verdict([], gs.best_score is None or heldout > gs.best_score)
+
+
+def accept_best(gs: GuardState, iteration: int, score: float) -> None:
+    gs.best_score, gs.best_iteration = float(score), int(iteration)
+
+
+def save_best(state: RunState, path: str) -> None:
+    """Write ``state`` as the best state (the run-checkpoint format; atomic).  Unlike
+    :meth:`RunState.save` it does not mark the run as checkpointed."""
+    tensors, md = state.state_tensors()
+    atomic_save_safetensors(tensors, path, md)
+
+
+_KEPT = ("iteration", "optimizer_steps", "history", "last_reward", "last_objective", "stalled_iterations")
+
+
+def rollback(state: RunState, path: str) -> None:
+    """Restore LoRA, optimizer state, timestep generator and gradient scaler exactly as saved in
+    ``path`` by :func:`save_best`; the iteration count, optimizer step count and history go on.  The
+    run is left marked as not checkpointed (save it next)."""
+    kept = {k: getattr(state, k) for k in _KEPT}
+    kept["history"] = list(kept["history"])
+    state.load(path)
+    for k, v in kept.items():
+        setattr(state, k, v)
+    state.saved_iteration = None
+
+
+def scaled_lr(base_lr: float, gs: Optional[GuardState]) -> float:
+    return float(base_lr) * (gs.lr_scale if gs is not None else 1.0)

@@ -1,0 +1,439 @@
+"""Per-iteration metrics of a run (``metrics.jsonl``) and the dashboard image (host-free).
+
+* ``metrics.jsonl`` in the run folder holds one JSON object per completed iteration with every stat
+  of that iteration (training reward, clip fraction per timestep, KL, grad norm, ...) and, on the
+  iterations that ran one, the held-out evaluation and what the reward-hacking guard did.  Writes are
+  idempotent by iteration: writing iteration ``i`` drops every line of iteration ``>= i`` first, so
+  after a crash and a resume from an older checkpoint the file follows the run again, and readers
+  keep only the lines up to the run's iteration.  A line cut by a crash is skipped when read.
+* :func:`render_dashboard` draws the stats as one RGB image (uint8 array), readable at node size:
+  matplotlib is not needed (Pillow draws it); TensorBoard scalars are written only when the
+  ``tensorboard`` package is installed (:class:`TensorBoardSink`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable, Optional
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+RUNNING_MEAN_WINDOW = 10
+
+
+def metrics_path(run_dir: str) -> str:
+    return os.path.join(run_dir, METRICS_FILE)
+
+
+def _clean(v):
+    """JSON-safe value (non-finite floats become null: the file stays strict JSON)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, (int, str, bool)) or v is None:
+        return v
+    if hasattr(v, "item"):
+        return _clean(v.item())
+    return str(v)
+
+
+def read_metrics(path: str, up_to: Optional[int] = None) -> list:
+    """The records of ``path`` in iteration order (one per iteration, the last written wins), only up
+    to iteration ``up_to`` when given; unreadable lines (a write cut by a crash) are skipped."""
+    if not os.path.exists(path):
+        return []
+    out: dict = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                it = int(rec["iteration"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if up_to is None or it <= up_to:
+                out[it] = rec
+    return [out[k] for k in sorted(out)]
+
+
+def _rewrite(path: str, records: Iterable[dict]) -> None:
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_metrics(path: str, iteration: int, fields: dict, merge: bool = False) -> dict:
+    """Write the record of ``iteration`` (idempotent): lines of later iterations are dropped; with
+    ``merge`` the fields are added to that iteration's existing record.  Returns the record."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    iteration = int(iteration)
+    records = read_metrics(path)
+    rec = {}
+    if merge:
+        rec = next((r for r in records if int(r["iteration"]) == iteration), {})
+    rec = _clean({**rec, **fields, "iteration": iteration})
+    earlier = [r for r in records if int(r["iteration"]) < iteration]
+    if len(earlier) == len(records) and os.path.exists(path):
+        with open(path, "rb+") as f:  # nothing to drop: append (after a newline if a write was cut)
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps(rec, allow_nan=False) + "\n").encode("utf-8"))
+    else:
+        _rewrite(path, earlier + [rec])
+    return rec
+
+
+def truncate_metrics(path: str, iteration: int) -> int:
+    """Drop the lines of iterations after ``iteration`` (a run resumed from an older checkpoint);
+    returns how many were dropped."""
+    records = read_metrics(path)
+    keep = [r for r in records if int(r["iteration"]) <= int(iteration)]
+    if len(keep) != len(records):
+        _rewrite(path, keep)
+    return len(records) - len(keep)
+
+
+def running_mean(values: list, window: int = RUNNING_MEAN_WINDOW) -> float:
+    vals = [float(v) for v in values[-window:] if v is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+TRAIN_KEYS = ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm", "loss", "log_approx_error",
+              "zero_std_groups", "groups", "skipped_steps", "first_update_log_ratio", "clip_fraction_per_step",
+              "grad_scale", "pairs")
+
+
+def iteration_record(stats: dict, history: list, extra: Optional[dict] = None) -> dict:
+    """The metrics of one update: the trainer's stats plus the running mean of the training reward
+    over the last ``RUNNING_MEAN_WINDOW`` iterations (``history``: the run's per-iteration stats,
+    this iteration last)."""
+    rec = {k: stats[k] for k in TRAIN_KEYS if k in stats}
+    rec["reward_running_mean"] = running_mean([h.get("reward_mean") for h in history])
+    rec["zero_std_fraction"] = (float(stats["zero_std_groups"]) / max(int(stats.get("groups", 1)), 1)
+                                if "zero_std_groups" in stats else None)
+    rec.update(extra or {})
+    return _clean(rec)
+
+
+# ------------------------------------------------------------------------------ series for plots
+
+def series(records: list, key: str, sub: Optional[str] = None) -> tuple:
+    """(iterations, values) of ``key`` (or ``key[sub]``) over the records that have a number there."""
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if sub is not None:
+            v = v.get(sub) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(int(r["iteration"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def clip_heatmap(records: list, max_columns: int = 200) -> tuple:
+    """(matrix (steps, columns) with NaN where unknown, first and last iteration of each column):
+    the clip fraction per timestep over iterations, averaged into at most ``max_columns`` bins."""
+    rows = [(int(r["iteration"]), r.get("clip_fraction_per_step")) for r in records
+            if isinstance(r.get("clip_fraction_per_step"), list)]
+    if not rows:
+        return np.zeros((0, 0)), []
+    steps = max(len(v) for _, v in rows)
+    full = np.full((steps, len(rows)), np.nan)
+    for j, (_, v) in enumerate(rows):
+        for i, c in enumerate(v):
+            if isinstance(c, (int, float)) and math.isfinite(c):
+                full[i, j] = c
+    n = len(rows)
+    cols = min(n, max_columns)
+    edges = np.linspace(0, n, cols + 1).round().astype(int)
+    out = np.full((steps, cols), np.nan)
+    spans = []
+    for j in range(cols):
+        a, b = edges[j], max(edges[j + 1], edges[j] + 1)
+        block = full[:, a:b]
+        with np.errstate(all="ignore"):
+            cnt = np.sum(~np.isnan(block), 1)
+            out[:, j] = np.where(cnt > 0, np.nansum(block, 1) / np.maximum(cnt, 1), np.nan)
+        spans.append((rows[a][0], rows[b - 1][0]))
+    return out, spans
+
+
+# ------------------------------------------------------------------------------ the renderer
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+BG, FG, GRID, RED = (255, 255, 255), (20, 20, 20), (225, 225, 225), (214, 39, 40)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: bitmap font only
+        return ImageFont.load_default()
+
+
+def _fmt(v: float) -> str:
+    if v is None or not math.isfinite(v):
+        return "-"
+    a = abs(v)
+    if a != 0 and (a < 1e-2 or a >= 1e4):
+        return f"{v:.2e}"
+    return f"{v:.3f}" if a < 10 else f"{v:.1f}"
+
+
+def _colour(c: float) -> tuple:
+    """White -> orange -> dark red for a clip fraction in [0, 1]."""
+    c = min(max(c, 0.0), 1.0)
+    stops = [(0.0, (255, 255, 255)), (0.3, (253, 174, 97)), (0.6, (215, 48, 39)), (1.0, (103, 0, 13))]
+    for (a, ca), (b, cb) in zip(stops, stops[1:]):
+        if c <= b:
+            t = (c - a) / (b - a)
+            return tuple(int(round(x + t * (y - x))) for x, y in zip(ca, cb))
+    return stops[-1][1]
+
+
+class _Panel:
+    def __init__(self, draw, box, title, font, small):
+        self.d, self.font, self.small = draw, font, small
+        x0, y0, x1, y1 = box
+        draw.rectangle(box, outline=(180, 180, 180))
+        draw.text((x0 + 8, y0 + 4), title, fill=FG, font=font)
+        self.plot = (x0 + 62, y0 + 34, x1 - 12, y1 - 26)
+
+    def frame(self, xr, yr):
+        self.xr, self.yr = xr, yr
+        px0, py0, px1, py1 = self.plot
+        for k in range(3):
+            y = py0 + (py1 - py0) * k / 2
+            self.d.line([(px0, y), (px1, y)], fill=GRID)
+            v = yr[1] - (yr[1] - yr[0]) * k / 2
+            self.d.text((self.plot[0] - 58, y - 8), _fmt(v), fill=FG, font=self.small)
+        self.d.text((px0, py1 + 4), str(int(xr[0])), fill=FG, font=self.small)
+        last = str(int(xr[1]))
+        self.d.text((px1 - 9 * len(last), py1 + 4), last, fill=FG, font=self.small)
+
+    def xy(self, x, y):
+        px0, py0, px1, py1 = self.plot
+        (a, b), (lo, hi) = self.xr, self.yr
+        fx = 0.5 if b == a else (x - a) / (b - a)
+        fy = 0.5 if hi == lo else (y - lo) / (hi - lo)
+        return px0 + fx * (px1 - px0), py1 - fy * (py1 - py0)
+
+    def line(self, xs, ys, colour, width=2):
+        pts = [self.xy(x, y) for x, y in zip(xs, ys)]
+        if len(pts) == 1:
+            x, y = pts[0]
+            self.d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        elif pts:
+            self.d.line(pts, fill=colour, width=width)
+
+    def dots(self, xs, ys, colour):
+        for x, y in zip(xs, ys):
+            px, py = self.xy(x, y)
+            self.d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
+
+    def band(self, xs, lo, hi, colour):
+        if len(xs) < 2:
+            return
+        pts = [self.xy(x, y) for x, y in zip(xs, hi)] + [self.xy(x, y) for x, y in zip(reversed(xs), reversed(lo))]
+        self.d.polygon(pts, fill=colour)
+
+    def vline(self, x, colour):
+        px, _ = self.xy(x, self.yr[0])
+        self.d.line([(px, self.plot[1]), (px, self.plot[3])], fill=colour, width=2)
+
+    def legend(self, items):
+        x = self.plot[0] + 4
+        y = self.plot[1] - 2
+        for label, colour in items:
+            self.d.rectangle([x, y + 5, x + 14, y + 11], fill=colour)
+            self.d.text((x + 18, y - 2), label, fill=FG, font=self.small)
+            x += 26 + int(self.d.textlength(label, font=self.small))
+
+
+def _range(values: list, pad: float = 0.05) -> tuple:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return (0.0, 1.0)
+    lo, hi = min(vals), max(vals)
+    if hi == lo:
+        d = abs(hi) * 0.05 or 0.5
+        return (lo - d, hi + d)
+    d = (hi - lo) * pad
+    return (lo - d, hi + d)
+
+
+def _empty(p: _Panel, text="no data yet"):
+    px0, py0, px1, py1 = p.plot
+    p.d.text(((px0 + px1) / 2 - 50, (py0 + py1) / 2 - 8), text, fill=(120, 120, 120), font=p.small)
+
+
+def render_dashboard(records: list, title: str = "", width: int = 1024, height: int = 768) -> np.ndarray:
+    """The dashboard of ``records`` (from :func:`read_metrics`) as an (height, width, 3) uint8 image:
+    training reward (mean, ±std band, running mean), held-out rewards with rollbacks marked, KL to
+    the base model, gradient norm, zero-variance groups, and the clip fraction per timestep over
+    iterations as a heatmap."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (int(width), int(height)), BG)
+    d = ImageDraw.Draw(img)
+    font, small = _font(max(12, height // 38)), _font(max(10, height // 52))
+    last = records[-1] if records else {}
+    rollbacks = [r for r in records if isinstance(r.get("rollback"), dict)]
+    head = f"{title}  iteration {last.get('iteration', 0)}"
+    if records:
+        head += f"  reward {_fmt(last.get('reward_mean'))}  running {_fmt(last.get('reward_running_mean'))}"
+    if rollbacks:
+        head += f"  rollbacks {len(rollbacks)}"
+    d.text((10, 6), head, fill=FG, font=font)
+    top = 10 + font.size + 8 if hasattr(font, "size") else 30
+    W, H = int(width), int(height) - top
+    cw, ch = W // 2, H // 3
+    boxes = [(c * cw + 4, top + r * ch + 2, (c + 1) * cw - 4, top + (r + 1) * ch - 4) for r in range(3) for c in range(2)]
+    its = [int(r["iteration"]) for r in records]
+    xr = (min(its), max(its)) if its else (0, 1)
+
+    # 1. training reward
+    p = _Panel(d, boxes[0], "training reward", font, small)
+    xs, mean = series(records, "reward_mean")
+    _, std = series(records, "reward_std")
+    rx, run = series(records, "reward_running_mean")
+    if xs:
+        lo = [m - s for m, s in zip(mean, std)] if len(std) == len(mean) else mean
+        hi = [m + s for m, s in zip(mean, std)] if len(std) == len(mean) else mean
+        p.frame(xr, _range(lo + hi + run))
+        p.band(xs, lo, hi, (205, 225, 242))
+        p.line(xs, mean, PALETTE[0])
+        p.line(rx, run, PALETTE[1], width=3)
+        p.legend([("mean ± std", PALETTE[0]), (f"running mean ({RUNNING_MEAN_WINDOW})", PALETTE[1])])
+    else:
+        _empty(p)
+
+    # 2. held-out rewards (+ rollbacks)
+    p = _Panel(d, boxes[1], "held-out reward (red: rollback)", font, small)
+    hx, hv = series(records, "heldout_reward")
+    guards = sorted({k for r in records for k in (r.get("heldout_guard") or {})})
+    gser = [(g,) + series(records, "heldout_guard", g) for g in guards]
+    if hx or any(s[1] for s in gser):
+        allv = hv + [v for s in gser for v in s[2]]
+        p.frame(xr, _range(allv))
+        for r in rollbacks:
+            p.vline(int(r["iteration"]), RED)
+        items = []
+        if hx:
+            p.line(hx, hv, PALETTE[0])
+            p.dots(hx, hv, PALETTE[0])
+            items.append(("training reward", PALETTE[0]))
+        for k, (g, gx, gv) in enumerate(gser):
+            c = PALETTE[(k + 2) % len(PALETTE)]
+            p.line(gx, gv, c)
+            p.dots(gx, gv, c)
+            items.append((g, c))
+        p.legend(items)
+    else:
+        _empty(p, "no held-out evaluation yet")
+
+    # 3. KL to the base model (held-out) or per update
+    p = _Panel(d, boxes[2], "KL to base (held-out) / per update", font, small)
+    kx, kv = series(records, "heldout_kl_base")
+    ax, av = series(records, "approx_kl")
+    if kx or ax:
+        p.frame(xr, _range(kv + av))
+        p.line(ax, av, PALETTE[4], width=1)
+        if kx:
+            p.line(kx, kv, PALETTE[3])
+            p.dots(kx, kv, PALETTE[3])
+        p.legend([("KL to base", PALETTE[3]), ("approx KL of update", PALETTE[4])])
+    else:
+        _empty(p)
+
+    # 4. gradient norm
+    p = _Panel(d, boxes[3], "gradient norm", font, small)
+    gx, gv = series(records, "grad_norm")
+    if gx:
+        p.frame(xr, _range(gv))
+        p.line(gx, gv, PALETTE[2])
+    else:
+        _empty(p)
+
+    # 5. zero-variance groups
+    p = _Panel(d, boxes[4], "zero-variance groups (share)", font, small)
+    zx, zv = series(records, "zero_std_fraction")
+    if zx:
+        p.frame(xr, (0.0, 1.0))
+        p.line(zx, zv, PALETTE[5])
+    else:
+        _empty(p)
+
+    # 6. clip fraction per timestep (heatmap)
+    p = _Panel(d, boxes[5], "clip fraction per timestep", font, small)
+    mat, spans = clip_heatmap(records, max_columns=max(1, int(p.plot[2] - p.plot[0])))
+    if mat.size:
+        px0, py0, px1, py1 = p.plot
+        steps, cols = mat.shape
+        cwid, rh = (px1 - px0) / cols, (py1 - py0) / steps
+        for i in range(steps):
+            for j in range(cols):
+                v = mat[i, j]
+                colour = (235, 235, 235) if np.isnan(v) else _colour(float(v))
+                d.rectangle([px0 + j * cwid, py0 + i * rh, px0 + (j + 1) * cwid, py0 + (i + 1) * rh], fill=colour)
+        d.text((px0 - 58, py0), "t=0", fill=FG, font=small)
+        d.text((px0 - 58, py1 - 14), f"t={steps - 1}", fill=FG, font=small)
+        d.text((px0, py1 + 4), str(spans[0][0]), fill=FG, font=small)
+        d.text((px1 - 40, py1 + 4), str(spans[-1][1]), fill=FG, font=small)
+        d.text((px0 + 60, py1 + 4), f"max {_fmt(float(np.nanmax(mat)) if np.isfinite(mat).any() else float('nan'))}",
+               fill=FG, font=small)
+    else:
+        _empty(p)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+# ------------------------------------------------------------------------------ TensorBoard (optional)
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+class TensorBoardSink:
+    """Scalars of every record under ``<run_dir>/tensorboard`` when ``tensorboard`` is installed;
+    does nothing otherwise (never required)."""
+
+    _writers: dict = {}
+
+    @classmethod
+    def write(cls, run_dir: str, rec: dict) -> bool:
+        if not tensorboard_available():
+            return False
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            w = cls._writers.get(run_dir)
+            if w is None:
+                w = cls._writers[run_dir] = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            step = int(rec["iteration"])
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration" and math.isfinite(v):
+                    w.add_scalar(f"pcpo/{k}", v, step)
+                elif isinstance(v, dict):
+                    for sk, sv in v.items():
+                        if isinstance(sv, (int, float)) and not isinstance(sv, bool) and math.isfinite(sv):
+                            w.add_scalar(f"pcpo/{k}/{sk}", sv, step)
+            w.flush()
+            return True
+        except Exception:  # a broken optional install must not stop training
+            return False

@@ -1,0 +1,111 @@
+"""PCPO Dashboard: the run's stats as an image in the graph, from ``metrics.jsonl`` in the run folder.
+
+``record_iteration`` (called by the LoRA Update right after an iteration is committed) writes that
+iteration's line of ``metrics.jsonl`` (and TensorBoard scalars when ``tensorboard`` is installed);
+the held-out evaluation and the guard add their fields to the same line.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import numpy as np
+import torch
+
+import folder_paths
+
+from comfyui_pcpo.metrics import (TensorBoardSink, iteration_record, metrics_path, read_metrics, render_dashboard,
+                                  write_metrics)
+
+log = logging.getLogger("comfyui-pcpo")
+
+
+def record_iteration(session, stats: dict) -> dict:
+    """Write the committed iteration's metrics line; never lets a logging failure stop training."""
+    state = session.state
+    try:
+        lr = float(state.optimizer.param_groups[0]["lr"]) if state.optimizer.param_groups else None
+        rec = iteration_record(stats, state.history, {"lr": lr, "optimizer_steps": state.optimizer_steps,
+                                                      "reward": state.last_reward, "objective": state.last_objective})
+        rec = write_metrics(metrics_path(session.run_dir), state.iteration, rec)
+        TensorBoardSink.write(session.run_dir, rec)
+        return rec
+    except OSError as e:
+        log.warning("PCPO %s: could not write metrics.jsonl (%s)", session.run_name, e)
+        return {}
+
+
+def merge_metrics(session, fields: dict) -> dict:
+    """Add ``fields`` to the current iteration's metrics line (held-out results, guard events)."""
+    try:
+        rec = write_metrics(metrics_path(session.run_dir), session.state.iteration, fields, merge=True)
+        TensorBoardSink.write(session.run_dir, {"iteration": rec["iteration"], **fields})
+        return rec
+    except OSError as e:
+        log.warning("PCPO %s: could not write metrics.jsonl (%s)", session.run_name, e)
+        return {}
+
+
+def to_image_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> ComfyUI IMAGE (1, H, W, 3) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).float().div(255.0).unsqueeze(0)
+
+
+def preview(arr: np.ndarray, prefix: str) -> dict:
+    """Save an image into ComfyUI's temp folder; returns the ``ui.images`` entry that shows it."""
+    from PIL import Image
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}.png"
+    Image.fromarray(arr).save(os.path.join(folder, name), compress_level=1)
+    return {"filename": name, "subfolder": "", "type": "temp"}
+
+
+class PCPODashboard:
+    CATEGORY = "PCPO"
+    FUNCTION = "render"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("dashboard", "metrics_path")
+    OUTPUT_TOOLTIPS = ("The dashboard image (also output/pcpo/<run>/dashboard.png).",
+                       "Path of the run's metrics.jsonl (one JSON line per iteration, every stat).")
+    DESCRIPTION = ("Shows the run in the graph, refreshed every iteration: training reward (mean, spread, running "
+                   "mean), held-out rewards with rollbacks marked, KL to the base model, gradient norm, "
+                   "zero-variance groups, and the clip fraction per timestep over iterations.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "session": ("PCPO_SESSION", {"tooltip": "The run (from PCPO LoRA)."}),
+            "width": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": 8, "tooltip": "Image width."}),
+            "height": ("INT", {"default": 768, "min": 256, "max": 4096, "step": 8, "tooltip": "Image height."}),
+        }, "optional": {
+            "stats": ("STRING", {"forceInput": True, "tooltip": "Wire the LoRA Update's stats (or the Reward "
+                                 "Guard's report) here so the dashboard draws after this iteration's update."}),
+            "last_iterations": ("INT", {"default": 0, "min": 0, "max": 1000000, "tooltip":
+                                        "Plot only the last this many iterations (0 = the whole run)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def render(self, session, width, height, stats=None, last_iterations=0):
+        session = session.live()
+        path = metrics_path(session.run_dir)
+        records = read_metrics(path, up_to=session.state.iteration)
+        if last_iterations and len(records) > last_iterations:
+            records = records[-int(last_iterations):]
+        arr = render_dashboard(records, title=session.run_name, width=int(width), height=int(height))
+        os.makedirs(session.run_dir, exist_ok=True)
+        from PIL import Image
+        tmp = os.path.join(session.run_dir, ".dashboard.png.tmp")
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, os.path.join(session.run_dir, "dashboard.png"))
+        return {"ui": {"images": [preview(arr, f"pcpo_dashboard_{session.run_name}")]},
+                "result": (to_image_tensor(arr), path)}
+
+
+NODE_CLASS_MAPPINGS = {"PCPODashboard": PCPODashboard}
+NODE_DISPLAY_NAME_MAPPINGS = {"PCPODashboard": "PCPO Dashboard"}

@@ -1,0 +1,135 @@
+"""metrics.jsonl and the PCPO Dashboard: the file follows the run (idempotent by iteration, resumed
+runs, cut lines), the image renders for 1 and 500 iterations, and what it plots is what the update
+returned."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from comfyui_pcpo.metrics import (clip_heatmap, iteration_record, metrics_path, read_metrics, render_dashboard,
+                                  running_mean, series, tensorboard_available, truncate_metrics, write_metrics)
+
+
+def _records(n):
+    out = []
+    for i in range(1, n + 1):
+        r = {"iteration": i, "reward_mean": math.sin(i / 7), "reward_std": 0.1, "reward_running_mean": 0.0,
+             "approx_kl": 1e-4 * i, "grad_norm": 1.0 / i, "zero_std_fraction": (i % 3) / 3,
+             "clip_fraction_per_step": [((i + s) % 5) / 5 for s in range(6)] + [None]}
+        if i % 10 == 0:
+            r.update(heldout_reward=0.5 + i / 1000, heldout_guard={"saturation": 0.8 - i / 2000},
+                     heldout_kl_base=i / 100)
+        if i == 30:
+            r["rollback"] = {"iteration": 30, "to_iteration": 20, "reason": "test"}
+        out.append(r)
+    return out
+
+
+def test_metrics_file_is_idempotent_by_iteration(tmp_path):
+    p = metrics_path(str(tmp_path))
+    for i in range(1, 6):
+        write_metrics(p, i, {"reward_mean": float(i)})
+    write_metrics(p, 5, {"heldout_reward": 0.5}, merge=True)
+    assert [r["reward_mean"] for r in read_metrics(p)] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert read_metrics(p)[-1]["heldout_reward"] == 0.5
+    # a run resumed from the checkpoint of iteration 3 writes iteration 4 again: 4 and 5 are replaced
+    write_metrics(p, 4, {"reward_mean": 40.0})
+    assert [r["reward_mean"] for r in read_metrics(p)] == [1.0, 2.0, 3.0, 40.0]
+    assert [r["iteration"] for r in read_metrics(p, up_to=2)] == [1, 2]
+    # a write cut by a crash is skipped, and the next write starts on its own line
+    with open(p, "a") as f:
+        f.write('{"iteration": 5, "reward_me')
+    assert len(read_metrics(p)) == 4
+    write_metrics(p, 5, {"reward_mean": 5.0})
+    assert [r["iteration"] for r in read_metrics(p)] == [1, 2, 3, 4, 5]
+    assert truncate_metrics(p, 3) == 2 and [r["iteration"] for r in read_metrics(p)] == [1, 2, 3]
+    # strict JSON: NaN/inf become null
+    write_metrics(p, 4, {"grad_norm": float("nan"), "x": [float("inf"), 1.0]})
+    with open(p) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    assert last["grad_norm"] is None and last["x"] == [None, 1.0]
+
+
+@pytest.mark.parametrize("n", [0, 1, 500])
+def test_dashboard_renders(n):
+    recs = _records(n)
+    img = render_dashboard(recs, title="run", width=1024, height=768)
+    assert img.shape == (768, 1024, 3) and img.dtype == np.uint8
+    assert (img < 128).any() and (img > 250).any()  # text and background
+    if n >= 30:  # the rollback's line differs from the image without it
+        norb = [{k: v for k, v in r.items() if k != "rollback"} for r in recs]
+        assert not np.array_equal(img, render_dashboard(norb, title="run", width=1024, height=768))
+    small = render_dashboard(recs, width=512, height=384)
+    assert small.shape == (384, 512, 3)
+
+
+def test_heatmap_bins_keep_the_values():
+    recs = _records(500)
+    mat, spans = clip_heatmap(recs, max_columns=100)
+    assert mat.shape == (7, 100) and spans[0][0] == 1 and spans[-1][1] == 500
+    assert np.isnan(mat[-1]).all()  # the last step is never trained
+    full, _ = clip_heatmap(recs[:5], max_columns=100)
+    assert full.shape == (7, 5)
+    assert full[2, 3] == pytest.approx(recs[3]["clip_fraction_per_step"][2])
+    assert mat[0].mean() == pytest.approx(np.mean([r["clip_fraction_per_step"][0] for r in recs]), abs=1e-9)
+
+
+def test_iteration_record_running_mean():
+    hist = [{"reward_mean": float(i)} for i in range(1, 16)]
+    rec = iteration_record({"reward_mean": 15.0, "zero_std_groups": 1, "groups": 4, "grad_norm": 2.0}, hist)
+    assert rec["reward_running_mean"] == pytest.approx(np.mean(range(6, 16)))
+    assert rec["zero_std_fraction"] == 0.25 and rec["grad_norm"] == 2.0
+    assert running_mean([1.0, None, 3.0]) == 2.0
+
+
+def test_dashboard_plots_the_update_stats(pcpo, tiny, comfy_dirs):
+    """In ComfyUI: three updates write three metrics lines equal to the stats the update returned;
+    the dashboard plots exactly those series and writes dashboard.png; a run resumed from an older
+    checkpoint shows (and then rewrites) only what its checkpoint holds."""
+    from test_run_exact import create, inference_model, iterate
+    tm = inference_model(tiny)
+    sess = create(pcpo, tm, "dash")
+    returned = []
+    for _ in range(3):
+        returned.append(iterate(pcpo, tm, sess))
+    path = metrics_path(sess.run_dir)
+    recs = read_metrics(path)
+    assert [r["iteration"] for r in recs] == [1, 2, 3]
+    for r, s in zip(recs, returned):
+        for k in ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm", "zero_std_groups"):
+            assert r[k] == s[k], k
+        assert r["clip_fraction_per_step"] == s["clip_fraction_per_step"]
+        assert r["lr"] == pytest.approx(1e-3) and r["objective"] == "pcpo"
+    assert series(recs, "reward_mean")[1] == [s["reward_mean"] for s in returned]
+    assert recs[-1]["reward_running_mean"] == pytest.approx(np.mean([s["reward_mean"] for s in returned]))
+    with torch.inference_mode():
+        out = pcpo.nodes["PCPODashboard"]().render(sess, 640, 480)
+    img, mpath = out["result"]
+    assert img.shape == (1, 480, 640, 3) and 0 <= float(img.min()) and float(img.max()) <= 1
+    assert mpath == path and os.path.exists(os.path.join(sess.run_dir, "dashboard.png"))
+    assert out["ui"]["images"][0]["type"] == "temp"
+    expected = render_dashboard(recs, title="dash", width=640, height=480)
+    assert torch.equal(img[0], torch.from_numpy(expected).float() / 255)
+    # resumed from the checkpoint of iteration 3 while the file says 4: the dashboard stops at 3 ...
+    write_metrics(path, 4, {"reward_mean": 99.0})
+    sess2 = create(pcpo, tm, "dash", resume=True)
+    assert sess2.iteration == 3
+    with torch.inference_mode():
+        img2 = pcpo.nodes["PCPODashboard"]().render(sess2, 640, 480)["result"][0]
+    assert torch.equal(img2, img)
+    # ... and its next iteration replaces line 4
+    s4 = iterate(pcpo, tm, sess2)
+    assert [r["iteration"] for r in read_metrics(path)] == [1, 2, 3, 4]
+    assert read_metrics(path)[-1]["reward_mean"] == s4["reward_mean"] != 99.0
+
+
+def test_tensorboard_is_optional(tmp_path):
+    from comfyui_pcpo.metrics import TensorBoardSink
+    wrote = TensorBoardSink.write(str(tmp_path), {"iteration": 1, "reward_mean": 0.5})
+    assert wrote == tensorboard_available()
+    assert os.path.isdir(tmp_path / "tensorboard") == wrote
