@@ -22,9 +22,9 @@ from .heldout import apply_guard_lr
 log = logging.getLogger("comfyui-pcpo")
 
 
+RUNNING_MEAN_OF = 10  # iterations in the running mean of the reward shown on the node (web/pcpo.js)
 STALL_LIMIT = 3  # iterations in a row without a usable gradient before the run stops with an error
 
-RUNNING_MEAN_OF = 10  # iterations in the running mean of the reward shown on the node (web/pcpo.js)
 
 def gradient_stalled(stats: dict) -> bool:
     """True when some group carried a reward signal but no update produced a usable gradient (all
@@ -56,8 +56,6 @@ def update_warnings(eta: float, stats: dict) -> list:
     return out
 
 
-def format_stats(it: int, s: dict) -> str:
-    return (f"iter {it}: reward {s['reward_mean']:.4f} ± {s['reward_std']:.4f} | clip {s['clip_fraction']:.3f} | "
 def strict_json(value):
     """``value`` with every NaN/inf float (also inside lists and dicts) as None, and tensors as numbers,
     so ``json.dumps(..., allow_nan=False)`` writes strict JSON (NaN -> null)."""
@@ -72,6 +70,8 @@ def strict_json(value):
     return value
 
 
+def format_stats(it: int, s: dict) -> str:
+    return (f"iter {it}: reward {s['reward_mean']:.4f} ± {s['reward_std']:.4f} | clip {s['clip_fraction']:.3f} | "
             f"kl {s['approx_kl']:.2e} | grad {s['grad_norm']:.3g} | zero-std groups {s['zero_std_groups']}/{s['groups']}")
 
 
