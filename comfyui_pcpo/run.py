@@ -395,3 +395,9 @@ def new_adapters(shapes: dict, targets: list, rank: int, alpha: float, seed: int
     g = torch.Generator().manual_seed(int(seed))
     with torch.inference_mode(False):
         return {n: LoRAWeightDelta(shapes[n], rank, alpha, dtype=dtype, device=device, generator=g) for n in targets}
+
+
+if __name__ == "__main__":  # python -m comfyui_pcpo.run <workflow_api.json> --comfyui DIR --iterations N
+    import sys as _sys
+    from comfyui_pcpo.runner import main as _main
+    _sys.exit(_main())

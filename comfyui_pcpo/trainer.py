@@ -69,12 +69,16 @@ class PCPOTrainer:
     """Owns the optimizer loop over one rollout batch.  ``params``: trainable tensors."""
 
     def __init__(self, params, optimizer: torch.optim.Optimizer, config: PCPOConfig,
-                 generator: Optional[torch.Generator] = None, grad_scaler=None):
+                 generator: Optional[torch.Generator] = None, grad_scaler=None,
+                 reduce_gradients: Optional[Callable[[list], None]] = None):
         """``generator`` draws the trained timesteps; a host that keeps one per run passes it in,
         otherwise one is seeded from ``config.seed``.  ``grad_scaler`` (a ``torch.amp.GradScaler``,
         for fp16 compute) scales the loss before backward and skips a step whose gradients
-        overflowed."""
+        overflowed.  ``reduce_gradients(params)`` (several processes: averages the accumulated
+        gradients across them, e.g. :func:`comfyui_pcpo.distributed.average_gradients`) runs before
+        unscaling and clipping."""
         self.params = [p for p in params]
+        self.reduce_gradients = reduce_gradients
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
         self.config = config.validate()
@@ -163,6 +167,8 @@ class PCPOTrainer:
                     run_group(g, work_for(g, u))
                 else:
                     work_for(g, u)(predict)
+            if self.reduce_gradients is not None:
+                self.reduce_gradients(self.params)
             if self.grad_scaler is not None:
                 self.grad_scaler.unscale_(self.optimizer)
             grad_norm = self._clip_gradients()

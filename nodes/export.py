@@ -11,6 +11,7 @@ import torch
 import comfy.utils
 import folder_paths
 
+from comfyui_pcpo import distributed
 from comfyui_pcpo.export import (
     DTYPES,
     diffusers_output_path,
@@ -155,6 +156,8 @@ class PCPOExportLoRA:
         filename = filename.replace(RUN_TOKEN, session.run_name)  # run names are checked by PCPO LoRA
         path = safe_output_path(root, filename)
         tdtype = DTYPES[dtype]
+        if not distributed.is_writer():  # several processes: rank 0 writes the file
+            return {"ui": {"text": [f"rank {distributed.context()[0]}: rank 0 writes {path}"]}, "result": (path,)}
         family = session.family
         kohya_map, diffusers_map = lora_name_maps(session.model)
 

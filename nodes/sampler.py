@@ -2,6 +2,7 @@
 SAMPLER for SamplerCustom)."""
 from __future__ import annotations
 
+import copy
 import math
 import uuid
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
+from comfyui_pcpo import distributed
 from comfyui_pcpo.plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, diffusion_plan, flow_plan,
                                 prediction_from_denoised)
 from comfyui_pcpo.rollout import make_trajectory, rollout
@@ -148,8 +150,14 @@ class PCPOTrajectorySampler:
         shape = latent_shape_for(model, latent, width, height)
         iteration = session.iteration
 
+        rank, world = distributed.context()
         if prompts is not None:
-            texts = prompts.draw(iteration)
+            if world > 1:  # this rank's share of the global draw (world x prompts_per_iteration)
+                source = copy.copy(prompts)
+                source.per_iteration = prompts.per_iteration * world
+                texts = distributed.rank_slice(source.draw(iteration), rank, world)
+            else:
+                texts = prompts.draw(iteration)
             neg = negative if negative is not None else prompts.encode(prompts.negative)
             conds = [(prompts.encode(t), neg) for t in texts]
         elif positive is not None:
@@ -165,8 +173,9 @@ class PCPOTrajectorySampler:
         max_denoise = math.isclose(float(ms.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(ms.sigma_max)
         pbar = comfy.utils.ProgressBar(len(conds) * plan.num_steps)
         records, finals = [], []
+        first_group = distributed.group_offset(len(conds))  # groups are disjoint across ranks
         for g, (pos, neg) in enumerate(conds):
-            gen = rollout_generator(seed, iteration, g)
+            gen = rollout_generator(seed, iteration, first_group + g)
             noise = torch.randn((1, *shape), generator=gen).repeat(G, *([1] * len(shape)))
             x_init = ms.noise_scaling(torch.tensor(sigma0), noise, torch.zeros_like(noise), max_denoise)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import folder_paths
 
+from comfyui_pcpo import distributed
 from comfyui_pcpo import __version__
 from comfyui_pcpo.lora import TARGET_PRESETS
 from comfyui_pcpo.precision import PRECISIONS, Precision, resolve_precision
@@ -158,8 +159,13 @@ class Session:
         }
 
     def save_checkpoint(self) -> None:
-        """Write the whole run state as one atomic file (``output/pcpo/<run>/checkpoint.safetensors``)."""
-        self.live().state.save(self.checkpoint_path)
+        """Write the whole run state as one atomic file (``output/pcpo/<run>/checkpoint.safetensors``);
+        with several processes only rank 0 writes (every rank holds the same state)."""
+        state = self.live().state
+        if distributed.is_writer():
+            state.save(self.checkpoint_path)
+        else:
+            state.saved_iteration = state.iteration
 
     def save_if_dirty(self) -> bool:
         if self.state is not None and self.state.dirty:

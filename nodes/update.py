@@ -12,7 +12,8 @@ import comfy.utils
 
 from comfyui_pcpo.objectives import OBJECTIVES
 from comfyui_pcpo.plan import prediction_from_denoised
-from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer
+from comfyui_pcpo import distributed
+from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, candidate_steps
 
 from .glue import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
 from .loop import loop_target, requeue
@@ -147,7 +148,8 @@ class PCPOLoRAUpdate:
                          updates_per_rollout=updates_per_rollout, seed=0)
         apply_guard_lr(session)  # a learning rate the Reward Guard lowered
         trainer = PCPOTrainer(state.params(), state.optimizer, cfg, generator=state.generator,
-                              grad_scaler=state.grad_scaler)
+                              grad_scaler=state.grad_scaler,
+                              reduce_gradients=distributed.average_gradients if distributed.active() else None)
         model = session.model
         device = model.load_device
         traj = batch.traj
@@ -175,8 +177,15 @@ class PCPOLoRAUpdate:
         snapshot = state.snapshot()
         try:
             load_for_training(model, batch.latent_shape, min(G, micro_batch))
+            # several processes: the timestep draws of the other ranks' groups, so every rank keeps the
+            # generator of one process sampling all groups
+            n_cand, n_groups = candidate_steps(traj).numel(), int(torch.unique(traj.group_ids).numel())
+            before, after = distributed.timestep_draws_around(n_groups, math.ceil(G / micro_batch))
+            distributed.skip_timestep_draws(state.generator, before, n_cand)
             with training_mode():
                 stats = trainer.update(traj, rewards.values, run_group=run_group, on_progress=progress)
+            distributed.skip_timestep_draws(state.generator, after, n_cand)
+            stats = distributed.reduce_stats(stats, traj.batch_size)
         except BaseException as e:
             state.restore(snapshot)
             if isinstance(e, comfy.model_management.InterruptProcessingException):
@@ -191,7 +200,8 @@ class PCPOLoRAUpdate:
         state.commit(summary, int(updates_per_rollout), rewards.name, objective)
         if state.iteration % int(checkpoint_every) == 0 or state.iteration >= target:
             session.save_checkpoint()
-        record_iteration(session, stats)  # metrics.jsonl line of this iteration (dashboard)
+        if distributed.is_writer():
+            record_iteration(session, stats)  # metrics.jsonl line of this iteration (dashboard)
         if state.stalled_iterations >= STALL_LIMIT:
             session.save_checkpoint()
             raise RuntimeError(
