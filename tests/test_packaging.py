@@ -7,9 +7,11 @@
   level or lazily) is in requirements.txt or in ComfyUI's own requirements.txt;
 * every third-party module the headless core imports, torch aside, is a runtime dependency in
   pyproject.toml, and the diffusers/PEFT interop packages are only extras;
-* the one exception, optional reward-model packages: imported only inside functions (lazily, when their
-  loader runs), listed in pyproject's ``rewards`` extra, and, when ComfyUI does not install them
-  either, imported inside ``try ... except ImportError`` so a missing package gives a clear error.
+* the one exception, optional packages (reward models, TensorBoard): imported only inside functions
+  (lazily, when the feature runs), listed in one of pyproject's extras other than ``test`` (e.g.
+  ``rewards``), and, when ComfyUI does not install them either, imported inside ``try ... except``
+  (ImportError, or broader) so a missing package gives a clear error or a fallback; such a package
+  need not be installed here.
 """
 from __future__ import annotations
 
@@ -70,15 +72,16 @@ def _imported_modules(paths) -> dict[str, set[str]]:
 
 def _import_sites(paths) -> dict[str, list[tuple[str, bool, bool]]]:
     """Top-level module -> [(file, lazy, guarded)]: lazy = inside a function body, guarded = inside a
-    ``try`` one of whose handlers catches ImportError (or ModuleNotFoundError)."""
+    ``try`` one of whose handlers catches ImportError (ModuleNotFoundError, Exception, or all)."""
     sites: dict[str, list] = {}
 
     def catches_import_error(t: ast.Try) -> bool:
         names = []
         for h in t.handlers:
-            if h.type is not None:
-                names += [n.id for n in ast.walk(h.type) if isinstance(n, ast.Name)]
-        return bool({"ImportError", "ModuleNotFoundError"} & set(names))
+            if h.type is None:
+                return True
+            names += [n.id for n in ast.walk(h.type) if isinstance(n, ast.Name)]
+        return bool({"ImportError", "ModuleNotFoundError", "Exception", "BaseException"} & set(names))
 
     def visit(node, rel, lazy, guarded):
         for child in ast.iter_child_nodes(node):
@@ -105,9 +108,15 @@ def _import_sites(paths) -> dict[str, list[tuple[str, bool, bool]]]:
     return sites
 
 
-def _optional_reward_packages() -> set[str]:
+def _optional_packages() -> set[str]:
+    """Distributions of every extra but ``test`` (what a feature needs only when it is used)."""
     extras = _pyproject()["project"].get("optional-dependencies", {})
-    return {_norm(Requirement(r).name) for r in extras.get("rewards", [])}
+    return {_norm(Requirement(r).name) for name, reqs in extras.items() if name != "test" for r in reqs}
+
+
+def _distributions_or_name(module: str) -> set[str]:
+    """Installed distributions providing ``module``, else the module's own name (an uninstalled optional one)."""
+    return _distributions(module) or {_norm(module)}
 
 
 def _pack_files():
@@ -176,17 +185,17 @@ def test_every_third_party_import_is_in_requirements_or_comfyuis(comfy):
                    if m not in sys.stdlib_module_names and m not in own and m not in host and m != "__future__"}
     assert {"torch", "numpy", "safetensors"} <= set(third_party), sorted(third_party)
     sites = _import_sites(_pack_files())
-    optional = _optional_reward_packages()
+    optional = _optional_packages()
     for module, files in sorted(third_party.items()):
         dists = _distributions(module)
-        assert dists, f"{module} (imported by {sorted(files)}) is not installed"
         if dists & provided:
             continue
-        assert dists & optional, (f"{module} (imported by {sorted(files)}, distribution {sorted(dists)}) is neither "
-                                  "in requirements.txt nor in ComfyUI's requirements (nor an optional reward package)")
+        assert _distributions_or_name(module) & optional, (
+            f"{module} (imported by {sorted(files)}, distribution {sorted(dists)}) is neither in requirements.txt "
+            "nor in ComfyUI's requirements (nor in one of pyproject's optional extras)")
         eager = sorted(f for f, lazy, guarded in sites[module] if not (lazy and guarded))
         assert not eager, (f"the optional package {module} must be imported inside a function, in try/except "
-                           f"ImportError with an error naming the pip install line; not so in {eager}")
+                           f"ImportError (a clear error naming the pip line, or a fallback); not so in {eager}")
 
 
 def test_the_headless_core_runtime_imports_are_dependencies():
@@ -194,7 +203,7 @@ def test_the_headless_core_runtime_imports_are_dependencies():
     core = sorted((REPO_ROOT / "comfyui_pcpo").rglob("*.py"))
     imports = _imported_modules(core)
     sites = _import_sites(core)
-    optional = _optional_reward_packages()
+    optional = _optional_packages()
     assert {"transformers", "open-clip-torch", "rapidocr", "onnxruntime"} <= optional
     for module, files in sorted(imports.items()):
         if module in sys.stdlib_module_names or module in ("__future__", "comfyui_pcpo", "torch"):
@@ -202,6 +211,6 @@ def test_the_headless_core_runtime_imports_are_dependencies():
         dists = _distributions(module)
         if dists & runtime:
             continue
-        assert dists & optional, f"{module} (imported by {sorted(files)}) is missing from pyproject's dependencies"
+        assert _distributions_or_name(module) & optional, f"{module} (imported by {sorted(files)}) is missing from pyproject's dependencies"
         eager = sorted(f for f, lazy, _ in sites[module] if not lazy)
         assert not eager, f"the optional package {module} is imported at module level in {eager}: import it lazily"
