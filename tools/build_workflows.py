@@ -542,7 +542,7 @@ def _topo_order(wf: Workflow) -> dict:
 
 
 VIEW = (1600, 900)        # the window the stored view fits (CSS px)
-VIEW_TOP, VIEW_LEFT = 110, 20  # room for the frontend's menu and tab bars, and a margin
+VIEW_TOP, VIEW_LEFT = 150, 70  # room for the frontend's tab bar and floating Run bar, and its side bar
 
 
 def stored_view(wf: Workflow, defs: Callable[[str], NodeDef]) -> dict:
@@ -554,7 +554,7 @@ def stored_view(wf: Workflow, defs: Callable[[str], NodeDef]) -> dict:
         boxes.append((n.pos[0], n.pos[1] - 30, n.pos[0] + w, n.pos[1] + h))  # 30: the title bar
     x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
-    scale = min(0.8, (VIEW[0] - 2 * VIEW_LEFT) / (x1 - x0), (VIEW[1] - VIEW_TOP - VIEW_LEFT) / (y1 - y0))
+    scale = min(0.8, (VIEW[0] - VIEW_LEFT - 20) / (x1 - x0), (VIEW[1] - VIEW_TOP - 20) / (y1 - y0))
     scale = math.floor(scale * 100) / 100
     return {"scale": scale, "offset": [round(VIEW_LEFT / scale - x0, 1), round(VIEW_TOP / scale - y0, 1)]}
 

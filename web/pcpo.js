@@ -20,12 +20,12 @@ function nodeText(node) {
   Object.assign(el.style, {
     whiteSpace: "pre-wrap", font: "11px monospace", color: "var(--input-text, #ddd)",
     background: "var(--comfy-input-bg, #222)", padding: "4px", borderRadius: "4px",
-    overflow: "auto", boxSizing: "border-box", width: "100%", height: "100%",
+    overflow: "auto", boxSizing: "border-box", width: "100%", height: "100%", wordBreak: "break-all",
   });
   el.textContent = "";
   const widget = node.addDOMWidget("pcpo_status", "pcpo_text", el, { serialize: false, hideOnZoom: false });
   widget.serializeValue = () => undefined;
-  widget.computeSize = (w) => [w, 64];
+  widget.computeSize = (w) => [w, 96];
   node.__pcpoText = el;
   return el;
 }
