@@ -34,6 +34,9 @@ import torch
 ERROR_KEY = "pcpo/error"
 ACK_KEY = "pcpo/error_acks"
 DEFAULT_TIMEOUT_S = 900.0
+# seconds this process spent in the training collectives (gradient average, stats), waiting for the
+# other ranks included; read by the runner's --timings log and benchmarks/scaling.py
+COLLECTIVE_SECONDS = [0.0]
 
 
 def _dist():
@@ -101,6 +104,7 @@ def average_gradients(params) -> None:
     params = [p for p in params]
     if not params:
         return
+    t0 = time.perf_counter()
     dev = params[0].device
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float().to(dev)
                       for p in params])
@@ -116,15 +120,19 @@ def average_gradients(params) -> None:
             else:
                 p.grad.copy_(g)
             i += n
+    COLLECTIVE_SECONDS[0] += time.perf_counter() - t0
 
 
 def _all_reduce(values: list, op: str = "sum") -> list:
     dist = _dist()
+    t0 = time.perf_counter()
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.cpu().tolist()
+    out = t.cpu().tolist()
+    COLLECTIVE_SECONDS[0] += time.perf_counter() - t0
+    return out
 
 
 def reduce_stats(stats: dict, samples: int) -> dict:
@@ -180,11 +188,9 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = "auto") -
         return context()
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    kw = {}
-    if backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-        torch.cuda.set_device(local % max(torch.cuda.device_count(), 1))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout_s)), **kw)
+    if torch.cuda.is_available():  # one GPU per process, before the host picks its device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
     return context()
 
 

@@ -108,6 +108,12 @@ def progress_line(iteration: int, target: int, reward: float, running: float, do
 
 # --------------------------------------------------------------------------- loading ComfyUI
 
+def comfyui_module(name: str):
+    """A module of the ComfyUI that :func:`load_comfyui` put on ``sys.path`` (the host the runner loads
+    at run time from ``--comfyui``; never a dependency of the core, hence no import statement)."""
+    return importlib.import_module(name)
+
+
 def _host_module():
     """``tools/comfyui_host.py`` of this pack (how the pack loads ComfyUI as a library)."""
     path = PACK_ROOT / "tools" / "comfyui_host.py"
@@ -132,14 +138,12 @@ def load_comfyui(comfy_dir: str, out: Optional[str], extra_packs: list, all_cust
         raise WorkflowError(f"--comfyui {tree} is not a ComfyUI folder (no nodes.py and comfy/ in it)")
     host = _host_module()
     host.prepare_import(tree)
-    import folder_paths
-    import nodes
-    import execution  # noqa: F401
+    folder_paths, nodes = comfyui_module("folder_paths"), comfyui_module("nodes")
+    comfyui_module("execution")
     yaml_path = tree / "extra_model_paths.yaml"
     if yaml_path.is_file():
         try:
-            from utils.extra_config import load_extra_path_config
-            load_extra_path_config(str(yaml_path))
+            comfyui_module("utils.extra_config").load_extra_path_config(str(yaml_path))
         except Exception as e:  # an old tree without it, or a broken file: say so, go on
             logging.getLogger("comfyui-pcpo").warning("extra_model_paths.yaml not loaded: %s", e)
     if out:
@@ -190,8 +194,7 @@ class _Interrupt:
             raise KeyboardInterrupt
         self.requested = True
         try:
-            import comfy.model_management
-            comfy.model_management.interrupt_current_processing(True)
+            comfyui_module("comfy.model_management").interrupt_current_processing(True)
         except Exception:
             pass
 
@@ -211,8 +214,7 @@ def run(args) -> int:
     host, sessions = load_comfyui(args.comfyui, args.out, args.nodes, args.all_custom_nodes)
     if rank == 0:
         host.announce(args.comfyui)
-    import folder_paths
-    ckpt = os.path.join(folder_paths.get_output_directory(), "pcpo", run_name, "checkpoint.safetensors")
+    ckpt = os.path.join(comfyui_module("folder_paths").get_output_directory(), "pcpo", run_name, "checkpoint.safetensors")
     resume = bool(prompt[lora_id]["inputs"].get("resume", True))
     start = (checkpoint_iteration(ckpt) or 0) if resume else 0
     target = int(args.iterations)
@@ -224,6 +226,7 @@ def run(args) -> int:
         return 0
     executor = host.new_executor()
     iteration, done, t0 = start, 0, time.monotonic()
+    t_last = t0
     rewards: list = []
     with _Interrupt() as stop:
         while iteration < target and not stop.requested:
@@ -245,8 +248,12 @@ def run(args) -> int:
             iteration, done = int(stats["iteration"]), done + 1
             rewards.append(float(stats["reward_mean"]))
             recent = rewards[-10:]
-            _say(progress_line(iteration, target, rewards[-1], sum(recent) / len(recent), done,
-                               time.monotonic() - t0, world), rank)
+            now = time.monotonic()
+            _say(progress_line(iteration, target, rewards[-1], sum(recent) / len(recent), done, now - t0, world),
+                 rank)
+            if args.timings and rank == 0:
+                _log_timing(args.timings, iteration, rewards[-1], now - t_last, world)
+            t_last = now
     if stop.requested:
         sess = sessions.SESSIONS.get(run_name)
         if sess is not None and sess.state is not None:
@@ -259,6 +266,13 @@ def run(args) -> int:
     _say(f"done: run {run_name} at iteration {iteration}; checkpoint {ckpt}", rank)
     distributed.shutdown()
     return 0
+
+
+def _log_timing(path: str, iteration: int, reward: float, seconds: float, world: int) -> None:
+    """One JSON line per iteration: wall seconds, and seconds in the training collectives so far."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"iteration": iteration, "reward_mean": reward, "seconds": seconds, "processes": world,
+                            "collective_seconds_total": distributed.COLLECTIVE_SECONDS[0]}) + "\n")
 
 
 def _backend() -> str:
@@ -302,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default %(default)g)")
     ap.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                     help="several processes: torch.distributed backend (auto: NCCL on GPUs, gloo on CPU)")
+    ap.add_argument("--timings", default=None, metavar="FILE",
+                    help="append one JSON line per iteration (wall seconds, seconds in collectives) to FILE")
     ap.add_argument("--verbose", action="store_true", help="ComfyUI's and the pack's info log")
     return ap
 
