@@ -185,6 +185,12 @@ class PCPOImplicitRewardGuidance:
                                                              "tooltip": f"lambda of LoRA {i}."})
         return inputs
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name=None, **kw):
+        """Names are checked when the node runs, with an error that says where the file comes from (a
+        shipped workflow names the LoRA another workflow trains)."""
+        return True if lora_name is None or isinstance(lora_name, str) else "lora_name must be a file name"
+
     def patch(self, model, lora_name, guidance, **kw):
         names, lambdas = [lora_name], [guidance]
         for i in range(2, MAX_LORAS + 1):
@@ -196,7 +202,8 @@ class PCPOImplicitRewardGuidance:
         for n in names:
             p = folder_paths.get_full_path("loras", n)
             if p is None:
-                raise ValueError(f"PCPO Implicit Reward Guidance: LoRA {n!r} is not in models/loras")
+                raise ValueError(f"PCPO Implicit Reward Guidance: LoRA {n!r} is not in models/loras: train it first "
+                                 "(the demo workflow writes pcpo/demo_tiny_pcpo.safetensors) or pick another LoRA")
             paths.append(p)
         return (irg_model(model, paths, lambdas),)
 

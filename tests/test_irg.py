@@ -113,3 +113,30 @@ def test_irg_samples_with_a_stock_sampler(pcpo, tiny, comfy_dirs):
         a = dataclasses.replace(tm, model=m).sample(batch=2, height=8, width=8, sampler_name="euler")
         b = dataclasses.replace(tm, model=lm).sample(batch=2, height=8, width=8, sampler_name="euler")
     assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_shipped_irg_workflow_runs(pcpo, comfy, comfy_dirs):
+    """workflows/api/demo_tiny_irg.json in ComfyUI's executor, with a LoRA for the demo model under the
+    name the workflow expects: both previews show images, and the guided samples differ from the
+    base model's (same seed)."""
+    import json
+    import pathlib
+    api = json.loads((pathlib.Path(__file__).resolve().parents[1] / "workflows" / "api" / "demo_tiny_irg.json")
+                     .read_text())
+    model, _, _ = pcpo.nodes["PCPODemoModelLoader"]().load()
+    tm = dataclasses.make_dataclass("Demo", ["model"])(model)
+    _lora(pcpo, tm, "irg_demo", 4)
+    irg_id = next(k for k, v in api.items() if v["class_type"] == "PCPOImplicitRewardGuidance")
+    assert api[irg_id]["inputs"]["lora_name"] == "pcpo/demo_tiny_pcpo.safetensors"
+    api[irg_id]["inputs"]["lora_name"] = "irg/irg_demo.safetensors"
+    for node in api.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 4
+        elif node["class_type"] == "EmptyLatentImage":
+            node["inputs"]["batch_size"] = 2
+    res = comfy.execute_prompt(api)
+    decoded = [res.outputs[k][0] for k, v in api.items() if v["class_type"] == "VAEDecode"]
+    assert len(decoded) == 2 and all(d.shape == (2, 32, 32, 3) for d in decoded)
+    assert not torch.equal(decoded[0], decoded[1])
+    previews = [k for k, v in api.items() if v["class_type"] == "PreviewImage"]
+    assert all(res.ui[k]["images"] for k in previews)

@@ -41,8 +41,10 @@ FAMILY = {
     "pcpo_sdxl_pickscore": "sdxl",
     "pcpo_flux_dev_hps_ocr": "flux",
     "demo_tiny_human_rating": "demo",  # headless: no page to rate on, the unrated rule scores every group
+    "demo_tiny_irg": "demo",  # sampling only (no training run): tests/test_irg.py runs it
 }
 NAMES = sorted(FAMILY)
+TRAINING = [n for n in NAMES if n != "demo_tiny_irg"]
 LOADER_STANDINS = {
     "CheckpointLoaderSimple": "PCPOTestCheckpointLoader",
     "UNETLoader": "PCPOTestUNETLoader",
@@ -229,6 +231,8 @@ def shrink(api: dict, family: str, run_name: str, iterations_per_queue: int = 1)
             inp.update(micro_batch=2, iterations_per_queue=iterations_per_queue)
         elif ct == "PCPOExportLoRA":
             inp["filename"] = f"pcpo_test/{run_name}"
+        elif ct == "PCPOHeldOutEvaluation":
+            inp.update(steps=3, samples_per_prompt=1)
     return p
 
 
@@ -244,7 +248,7 @@ def _safetensors_metadata(path) -> dict:
         return dict(f.metadata() or {})
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TRAINING)
 def test_workflow_runs_end_to_end_and_the_second_queue_continues_the_run(host, comfy, pcpo, comfy_dirs, name):
     api = _read(WORKFLOWS / "api" / f"{name}.json")
     ui = _read(WORKFLOWS / f"{name}.json")

@@ -487,8 +487,95 @@ def demo_human() -> Workflow:
     return wf
 
 
-WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux, demo, sd15_aesthetic, sdxl_pickscore, flux_hps_ocr,
-                                           demo_human]
+MONITOR_NOTE = (
+    "## See the run, stop reward hacking\n\n"
+    "**PCPO Held-out Evaluation** samples held-out captions (never trained on) with fixed noise every 5 "
+    "iterations, scores them with the training reward and a guard reward (`saturation`) and measures the KL "
+    "to the base model. **PCPO Reward Guard** keeps the best LoRA by held-out reward "
+    "(`pcpo/demo_tiny_pcpo_best`) and rolls LoRA and optimizer state back to it exactly when the held-out "
+    "reward or the guard reward falls by its margin (then lowers the learning rate). **PCPO Dashboard** "
+    "draws every stat of `output/pcpo/demo_tiny_pcpo/metrics.jsonl` after each iteration.\n"
+)
+
+
+def _demo_heldout() -> str:
+    sys.path.insert(0, str(REPO_ROOT))
+    from comfyui_pcpo.demo.shapes import TRAINING_CAPTIONS, all_specs
+    rest = [s.text for s in all_specs() if s.text not in set(TRAINING_CAPTIONS)]
+    return "# held-out captions (not in the training list)\n" + "\n".join(rest[::len(rest) // 6][:6])
+
+
+def with_monitoring(wf: Workflow, session: int, clip: tuple, vae: tuple, stats: tuple, first_id: int, pos: tuple,
+                    heldout: dict, guard: dict, note: str) -> Workflow:
+    """``wf`` plus held-out evaluation (after the update), reward guard and dashboard."""
+    x, y = pos
+    wf.nodes += [
+        N(first_id, "PCPOHeldOutEvaluation", (x, y), heldout,
+          {"session": (session, 1), "clip": clip, "vae": vae, "stats": stats}, size=(400, 620)),
+        N(first_id + 1, "PCPORewardGuard", (x, y + 680), guard,
+          {"session": (session, 1), "heldout": (first_id, 0)}, size=(400, 300)),
+        N(first_id + 2, "PCPODashboard", (x + 440, y), {"width": 1024, "height": 768, "last_iterations": 0},
+          {"session": (session, 1), "stats": (first_id + 1, 0)}, size=(640, 560)),
+        N(first_id + 3, "MarkdownNote", (x + 440, y + 620), text=note, size=(640, 300)),
+    ]
+    return wf
+
+
+def demo_monitored() -> Workflow:
+    wf = with_monitoring(demo(), 2, (1, 1), (1, 2), (7, 1), 11, (2200, 60), {
+        "prompts": _demo_heldout(), "negative": "", "every": 5, "samples_per_prompt": 2, "steps": 10, "cfg": 4.0,
+        "eta": 1.0, "scheduler": "simple", "width": 32, "height": 32, "seed": 1234,
+        "reward": "prompt-colour-agreement", "guard_reward": "saturation"}, {
+        "heldout_margin": 0.15, "guard_margin": 0.1, "kl_bound": 0.0, "action": "lower_lr", "lr_factor": 0.5,
+        "best_filename": "pcpo/demo_tiny_pcpo_best", "dtype": "fp16"}, MONITOR_NOTE)
+    wf.summary += (" Held-out evaluation of 6 other captions every 5 iterations, a reward guard (saturation) that "
+                   "keeps and restores the best LoRA, and the dashboard.")
+    return wf
+
+
+IRG_NOTE = (
+    "## Implicit Reward Guidance\n\n"
+    "Run the demo first (it writes `models/loras/pcpo/demo_tiny_pcpo.safetensors`). **PCPO Implicit Reward "
+    "Guidance** samples with `eps = eps_base + lambda (eps_lora - eps_base)`: lambda 0 is the base model, 1 the "
+    "tuned one, 2 pushes further along the learned reward. Both predictions come from one batched model call "
+    "per step, so any sampler works. LoRA strength (LoraLoader) scales the weights instead, which is only the "
+    "first-order approximation of this. Top row: base model; bottom row: IRG with lambda 2, same seed.\n\n"
+    "The demo model works in 32x32 pixels: EmptyLatentImage 256x256 gives its 32x32 latent.\n"
+)
+
+
+def demo_irg() -> Workflow:
+    prompt = "a red circle on a blue background"
+    nodes = [
+        N(1, "PCPODemoModelLoader", (40, 60), {}),
+        N(2, "PCPOImplicitRewardGuidance", (420, 60), {
+            "lora_name": "pcpo/demo_tiny_pcpo.safetensors", "guidance": 2.0, "lora_name_2": "None",
+            "guidance_2": 1.0, "lora_name_3": "None", "guidance_3": 1.0}, {"model": (1, 0)}),
+        N(3, "CLIPTextEncode", (420, 360), {"text": prompt}, {"clip": (1, 1)}),
+        N(4, "CLIPTextEncode", (420, 560), {"text": ""}, {"clip": (1, 1)}),
+        N(5, "EmptyLatentImage", (40, 360), {"width": 256, "height": 256, "batch_size": 8}),
+        N(6, "KSampler", (860, 60), {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler_ancestral",
+                                     "scheduler": "simple", "denoise": 1.0},
+          {"model": (1, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
+        N(7, "VAEDecode", (1240, 60), {}, {"samples": (6, 0), "vae": (1, 2)}),
+        N(8, "PreviewImage", (1480, 60), {}, {"images": (7, 0)}, title="base model", size=(420, 300)),
+        N(9, "KSampler", (860, 420), {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler_ancestral",
+                                      "scheduler": "simple", "denoise": 1.0},
+          {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
+        N(10, "VAEDecode", (1240, 420), {}, {"samples": (9, 0), "vae": (1, 2)}),
+        N(11, "PreviewImage", (1480, 420), {}, {"images": (10, 0)}, title="IRG lambda 2", size=(420, 300)),
+        N(12, "MarkdownNote", (40, 640), text=IRG_NOTE, size=(360, 420)),
+    ]
+    return Workflow(
+        "demo_tiny_irg", "Demo: Implicit Reward Guidance with the demo's PCPO LoRA (CPU)",
+        "The embedded demo model sampled with KSampler (euler_ancestral, 20 steps, cfg 4) twice from the same "
+        "seed: as it is, and through PCPO Implicit Reward Guidance with the LoRA the demo workflow trains "
+        "(`pcpo/demo_tiny_pcpo.safetensors`) at lambda 2.",
+        nodes)
+
+
+WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux, demo_monitored, sd15_aesthetic, sdxl_pickscore,
+                                           flux_hps_ocr, demo_human, demo_irg]
 
 
 # =========================================================================== building
