@@ -26,6 +26,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .distributed import is_writer
 from .run import RunState
 from .trajectory import atomic_save_safetensors
 
@@ -72,6 +73,8 @@ class GuardState:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save(self, path: str) -> None:
+        if not is_writer():  # several processes: rank 0 writes, every rank holds the same state
+            return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -127,7 +130,9 @@ def accept_best(gs: GuardState, iteration: int, score: float) -> None:
 
 def save_best(state: RunState, path: str) -> None:
     """Write ``state`` as the best state (the run-checkpoint format; atomic).  Unlike
-    :meth:`RunState.save` it does not mark the run as checkpointed."""
+    :meth:`RunState.save` it does not mark the run as checkpointed.  Several processes: rank 0 writes."""
+    if not is_writer():
+        return
     tensors, md = state.state_tensors()
     atomic_save_safetensors(tensors, path, md)
 

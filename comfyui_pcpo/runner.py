@@ -230,6 +230,10 @@ def run(args) -> int:
     rewards: list = []
     with _Interrupt() as stop:
         while iteration < target and not stop.requested:
+            peer = distributed.peer_failure() if world > 1 else None
+            if peer is not None:  # another rank failed outside a collective: stop here too
+                print(f"[rank {rank}] stopped: {peer}", file=sys.stderr, flush=True)
+                return EXIT_ERROR
             sess = sessions.SESSIONS.get(run_name)
             marker = {"run": run_name, "target": target}
             if sess is not None and not sess.replaced:

@@ -15,6 +15,7 @@ import torch
 
 import folder_paths
 
+from comfyui_pcpo import distributed
 from comfyui_pcpo.metrics import (TensorBoardSink, iteration_record, metrics_path, read_metrics, render_dashboard,
                                   write_metrics)
 
@@ -24,6 +25,8 @@ log = logging.getLogger("comfyui-pcpo")
 def record_iteration(session, stats: dict) -> dict:
     """Write the committed iteration's metrics line; never lets a logging failure stop training."""
     state = session.state
+    if not distributed.is_writer():  # several processes: rank 0 writes the run's files
+        return {}
     try:
         lr = float(state.optimizer.param_groups[0]["lr"]) if state.optimizer.param_groups else None
         rec = iteration_record(stats, state.history, {"lr": lr, "optimizer_steps": state.optimizer_steps,
@@ -38,6 +41,8 @@ def record_iteration(session, stats: dict) -> dict:
 
 def merge_metrics(session, fields: dict) -> dict:
     """Add ``fields`` to the current iteration's metrics line (held-out results, guard events)."""
+    if not distributed.is_writer():
+        return {}
     try:
         rec = write_metrics(metrics_path(session.run_dir), session.state.iteration, fields, merge=True)
         TensorBoardSink.write(session.run_dir, {"iteration": rec["iteration"], **fields})
@@ -100,9 +105,10 @@ class PCPODashboard:
         arr = render_dashboard(records, title=session.run_name, width=int(width), height=int(height))
         os.makedirs(session.run_dir, exist_ok=True)
         from PIL import Image
-        tmp = os.path.join(session.run_dir, ".dashboard.png.tmp")
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, os.path.join(session.run_dir, "dashboard.png"))
+        if distributed.is_writer():  # several processes: rank 0 writes the file
+            tmp = os.path.join(session.run_dir, ".dashboard.png.tmp")
+            Image.fromarray(arr).save(tmp, format="PNG")
+            os.replace(tmp, os.path.join(session.run_dir, "dashboard.png"))
         return {"ui": {"images": [preview(arr, f"pcpo_dashboard_{session.run_name}")]},
                 "result": (to_image_tensor(arr), path)}
 

@@ -6,8 +6,9 @@
   with reward and ETA, checkpoint and export written, a second command resumes from the checkpoint
   to the new target;
 * Ctrl-C (SIGINT) mid-run exits with 130 and leaves the run saved at its last completed iteration;
-* shipped API workflows run as they are: the tiny demo workflow unchanged, the SDXL and FLUX ones
-  with only their model loaders swapped for the tiny stand-ins (and sizes shrunk for a CPU).
+* shipped API workflows run as they are: the tiny demo workflow on its own model (one prompt per
+  iteration instead of four, for time), the SDXL and FLUX ones with their model loaders swapped for
+  the tiny stand-ins (and sizes shrunk for a CPU).
 
 Helpers here are shared with tests/test_distributed.py.
 """
@@ -238,7 +239,9 @@ def test_ctrl_c_exits_cleanly_with_the_run_saved(tmp_path):
                                          ("pcpo_flux_dev_jpeg_compressibility", "flux")])
 def test_shipped_api_workflow_runs_in_the_runner(tmp_path, name, family):
     api = read_api(name)
-    if family is not None:  # no real checkpoint here: tiny stand-in loaders, CPU-sized rollouts
+    if family is None:  # the demo model ships with the pack: the workflow as it is, one group for time
+        node_of(api, "PCPOPrompts")["inputs"]["prompts_per_iteration"] = 1
+    else:  # no real checkpoint here: tiny stand-in loaders, CPU-sized rollouts
         api = swap_loaders(api, family)
         node_of(api, "PCPOTrajectorySampler")["inputs"].update(steps=3, width=64, height=64, group_size=2)
         node_of(api, "PCPOLoRAUpdate")["inputs"].update(micro_batch=2)
