@@ -239,14 +239,23 @@ def _lora_branch_forward(module, adapter):
 
 def checkpoint_blocks(diffusion_model) -> list[str]:
     """The blocks whose activations gradient checkpointing recomputes: every element of the model's
-    block lists (UNet input/output blocks, FLUX double/single blocks, MMDiT joint blocks) and a
-    UNet's middle block."""
+    block lists (FLUX double/single blocks, MMDiT joint blocks) and, for a UNet, every layer of its
+    input, middle and output blocks.  (ComfyUI runs a UNet block's layers one by one through
+    ``forward_timestep_embed``, never through the block's own forward, so the layers are the units
+    whose forward is called.)"""
     names = []
     for cname, child in diffusion_model.named_children():
         if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
-            names += [f"{cname}.{i}" for i in range(len(child))]
+            blocks = [(f"{cname}.{i}", m) for i, m in enumerate(child)]
         elif cname == "middle_block":
-            names.append(cname)
+            blocks = [(cname, child)]
+        else:
+            continue
+        for name, block in blocks:
+            if isinstance(block, torch.nn.Sequential):  # a UNet's TimestepEmbedSequential
+                names += [f"{name}.{j}" for j, _ in block.named_children()]
+            else:
+                names.append(name)
     return names
 
 

@@ -135,15 +135,35 @@ def test_16bit_training_gives_the_fp32_gradient(pcpo, tiny, comfy_dirs, family, 
 
 @pytest.mark.parametrize("family,size", [("sd15", 32), ("sdxl", 32), ("flux", 32)])
 def test_checkpointing_gives_the_same_gradient(pcpo, tiny, comfy_dirs, family, size):
-    grads = {}
+    """Same gradient with and without checkpointing, and checkpointing is really on: every
+    checkpointed unit runs its forward once more (the recomputation) in the gradient pass."""
+    glue = pcpo.mod("nodes.glue")
+    grads, calls = {}, {}
     for ck in ("off", "on"):
         tm = build(tiny, family)
         sess = session(pcpo, tm, f"ckpt_{family}_{ck}", "fp32", ck)
         assert sess.options.checkpointing == (ck == "on")
-        grads[ck], st = one_update(pcpo, tm, sess, size)
+        dm = sess.model.model.diffusion_model
+        # a module inside each checkpointed unit (the recomputation calls the unit's forward directly,
+        # but the modules inside it through their hooks)
+        inner = {n: list(dm.get_submodule(n).modules())[1] for n in glue.checkpoint_blocks(dm)
+                 if len(list(dm.get_submodule(n).modules())) > 1}
+        counts = {n: 0 for n in inner}
+        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: counts.__setitem__(n, counts[n] + 1))
+                 for n, m in inner.items()]
+        try:
+            grads[ck], st = one_update(pcpo, tm, sess, size)
+        finally:
+            for h in hooks:
+                h.remove()
+        calls[ck] = counts
         assert st["first_update_log_ratio"] == 0.0
     assert grads["on"].abs().max() > 0
     assert torch.allclose(grads["on"], grads["off"], rtol=1e-4, atol=1e-9)
+    # units after the first LoRA layer carry grad and are recomputed; earlier ones need no backward
+    on, off = calls["on"], calls["off"]
+    assert all(on[n] >= off[n] > 0 for n in on), calls
+    assert sum(on[n] > off[n] for n in on) >= len(on) // 2, calls
 
 
 def test_checkpointing_defaults_by_architecture(pcpo, tiny, comfy_dirs):
@@ -155,7 +175,8 @@ def test_checkpointing_defaults_by_architecture(pcpo, tiny, comfy_dirs):
     names = glue.checkpoint_blocks(build(tiny, "flux").model.model.diffusion_model)
     assert names == ["double_blocks.0", "single_blocks.0"] or all(n.split(".")[0] in ("double_blocks", "single_blocks")
                                                                   for n in names)
-    assert "middle_block" in glue.checkpoint_blocks(build(tiny, "sd15").model.model.diffusion_model)
+    unet = glue.checkpoint_blocks(build(tiny, "sd15").model.model.diffusion_model)
+    assert "middle_block.1" in unet and "input_blocks.1.1" in unet  # the layers ComfyUI calls one by one
 
 
 def test_gradient_scaling_skips_overflow_and_is_checkpointed(pcpo, tiny, comfy_dirs):
