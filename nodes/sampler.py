@@ -99,7 +99,8 @@ class PCPOTrajectorySampler:
                                 "Flow models (SD3, FLUX) use their own SDE: uw-lambda applies there, uw-sigma and "
                                 "native both mean the plain flow SDE."}),
             "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip":
-                                "Flow models only: constant eta (DanceGRPO) or a*sqrt(t/(1-t)) (Flow-GRPO)."}),
+                                "Flow models only: constant noise level eta (DanceGRPO) or a*sqrt(t/(1-t)) "
+                                "(Flow-GRPO); constant unless you follow Flow-GRPO."}),
             "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"default": "simple", "tooltip":
                           "Sigma schedule (ignored when SIGMAS are wired). ddim_uniform matches SD1.5 DDIM."}),
             "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image width (ignored with a LATENT)."}),
@@ -245,8 +246,13 @@ class PCPOSampler:
             "eta": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
                               "DDIM eta (eps/v models) or the SDE noise level (flow models)."}),
             "rollout_variant": (["uw-sigma", "native"], {"default": "native", "tooltip":
-                                "native: DDIM(eta) (= euler_ancestral); uw-sigma: PCPO's reshaped rollout noise."}),
-            "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip": "Flow models only."}),
+                                "native (pick this to sample with a trained LoRA): plain DDIM(eta), like "
+                                "euler_ancestral. uw-sigma: the noise PCPO trains with (SD1.x/SDXL), to see the "
+                                "rollouts exactly as training sampled them. Flow models (SD3, FLUX) use their own "
+                                "SDE either way."}),
+            "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip": "Flow models only: "
+                                "constant noise level eta (DanceGRPO) or a*sqrt(t/(1-t)) (Flow-GRPO); constant "
+                                "unless you follow Flow-GRPO."}),
         }}
 
     def get_sampler(self, eta, rollout_variant, flow_noise_rule):

@@ -202,3 +202,28 @@ def test_node_times_out_into_the_model_reward_in_mixed_mode(comfy, tiny, pcpo, c
     rec = H.read_jsonl(str(comfy_dirs["output"] / "pcpo" / run / "ratings.jsonl"))
     assert rec[0]["status"] == "timeout" and [g["source"] for g in rec[0]["groups"]] == ["model", "model"]
     assert routes.REGISTRY.pending() == []
+
+
+# --------------------------------------------------------------------------- what the page shows of a run
+
+def test_stats_are_strict_json_and_the_default_export_name_follows_the_run(comfy, tiny, pcpo, comfy_dirs):
+    update = pcpo.mod("nodes.update")
+    export = pcpo.mod("nodes.export")
+    assert update.strict_json({"a": float("nan"), "b": [1.0, float("inf"), None], "c": {"d": -float("inf")}}) == \
+        {"a": None, "b": [1.0, None, None], "c": {"d": None}}
+    run = "strict_stats"
+    _, traj, images, session = _rollout(comfy, tiny, pcpo, comfy_dirs, run)
+    scorer = pcpo.mod("nodes.reward").PCPORewardScorer()
+    rewards, _ = scorer.score(images, traj, "saturation")
+    res = update.PCPOLoRAUpdate().update(session, traj, rewards, "pcpo", 1e-4, 5.0, 0.5, 4, 1.0, 2, 1, 1)
+    text = res["result"][1]
+    stats = json.loads(text, parse_constant=lambda c: pytest.fail(f"stats hold {c}: not strict JSON"))
+    assert None in stats["clip_fraction_per_step"]  # steps not trained (train_fraction 0.5) are null
+    shown = res["ui"]["pcpo_stats"][0]
+    assert shown["iteration"] == 1 and shown["running_mean"] == pytest.approx(stats["reward_mean"])
+    default = export.PCPOExportLoRA.INPUT_TYPES()["required"]["filename"][1]["default"]
+    assert default == "pcpo/{run}"
+    out = export.PCPOExportLoRA().export(session, default)
+    path = out["result"][0]
+    assert path.endswith(f"pcpo/{run}.safetensors") and (comfy_dirs["loras"] / "pcpo" / f"{run}.safetensors").is_file()
+    assert any(path in t for t in out["ui"]["text"])  # what the extension shows on the Export node

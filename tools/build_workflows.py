@@ -298,7 +298,7 @@ def flux() -> Workflow:
             "prompts": ANIMALS, "prompt_file": "(none)", "negative_prompt": "", "prompts_per_iteration": 1,
             "seed": 0}, {"clip": (2, 0)}, size=(400, 420)),
         N(6, "PCPOTrajectorySampler", (880, 60), {
-            "steps": 16, "cfg": 1.0, "group_size": 4, "seed": 0, "eta": 0.3, "rollout_variant": "uw-sigma",
+            "steps": 16, "cfg": 1.0, "group_size": 4, "seed": 0, "eta": 0.3, "rollout_variant": "native",  # flow: uw-sigma = native
             "flow_noise_rule": "constant", "scheduler": "simple", "width": 512, "height": 512, "groups": 1},
             {"session": (4, 1), "prompts": (5, 0)}),
         N(7, "VAEDecode", (1280, 60), {}, {"samples": (6, 0), "vae": (3, 0)}),
