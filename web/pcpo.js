@@ -35,7 +35,6 @@ function showOnNode(node, message) {
   const lines = [];
   const stats = message.pcpo_stats && message.pcpo_stats[0];
   if (stats) {
-    node.__pcpoRewards = node.__pcpoRewards || [];
     lines.push(`iteration ${stats.iteration}/${stats.target_iteration}: reward ${fmt(stats.reward_mean)}` +
                ` (running mean ${fmt(stats.running_mean)} over ${stats.running_count})`);
   }
