@@ -224,6 +224,9 @@ def run(args) -> int:
         _say(f"run {run_name} is already at iteration {start} >= {target}: nothing to do", rank)
         distributed.shutdown()
         return 0
+    ok, error, _, node_errors = host.validate_prompt(prompt)
+    if not ok or node_errors:  # ComfyUI would run the valid outputs only: refuse instead of dropping nodes
+        raise WorkflowError(host._validation_message(prompt, error, node_errors))
     executor = host.new_executor()
     iteration, done, t0 = start, 0, time.monotonic()
     t_last = t0

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -85,13 +86,22 @@ def _close(a: dict, b: dict, atol=1e-4):
     assert worst < atol, worst
 
 
+def with_dashboard(api: dict) -> dict:
+    """``api`` plus a PCPO Dashboard after the update (metrics.jsonl and dashboard.png in the run folder)."""
+    lora = next(nid for nid, n in api.items() if n["class_type"] == "PCPOLoRA")
+    update = next(nid for nid, n in api.items() if n["class_type"] == "PCPOLoRAUpdate")
+    api["95"] = {"class_type": "PCPODashboard", "inputs": {"width": 256, "height": 256, "last_iterations": 0,
+                                                          "session": [lora, 1], "stats": [update, 1]}}
+    return api
+
+
 @pytest.fixture(scope="module")
 def two_ranks_and_one(tmp_path_factory):
     """2 iterations with 2 ranks x 1 group, and with 1 process x 2 groups (same prompts and seeds)."""
     tmp = tmp_path_factory.mktemp("dist")
     kw = dict(run_name="dist_run", train_fraction=0.5, micro_batch=1)
-    wf2 = write_json(tmp / "wf_rank.json", tiny_sd15(prompts_per_iteration=1, **kw))
-    wf1 = write_json(tmp / "wf_one.json", tiny_sd15(prompts_per_iteration=2, **kw))
+    wf2 = write_json(tmp / "wf_rank.json", with_dashboard(tiny_sd15(prompts_per_iteration=1, **kw)))
+    wf1 = write_json(tmp / "wf_one.json", with_dashboard(tiny_sd15(prompts_per_iteration=2, **kw)))
     t0 = time.monotonic()
     two = torchrun(wf2, tmp / "out2", 2, tmp)
     t_two = time.monotonic() - t0
@@ -110,7 +120,6 @@ def test_two_ranks_train_the_same_lora_as_one_process_with_twice_the_groups(two_
     assert md2["iteration"] == md1["iteration"] == "2" and md2["optimizer_steps"] == md1["optimizer_steps"]
     assert torch.equal(t2["generator"], t1["generator"]), "the timestep generator follows one process exactly"
     _close({k: v for k, v in t2.items() if k != "generator"}, {k: v for k, v in t1.items() if k != "generator"})
-    import json
     h2, h1 = json.loads(md2["history"]), json.loads(md1["history"])
     for a, b in zip(h2, h1):  # stats reduced over both ranks = stats of all groups in one process
         for key in ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm"):
@@ -118,6 +127,11 @@ def test_two_ranks_train_the_same_lora_as_one_process_with_twice_the_groups(two_
         assert a["zero_std_groups"] == b["zero_std_groups"]
     exports = sorted(p.name for p in (r["tmp"] / "loras" / "pcpo_test").iterdir())
     assert exports == ["dist_run.safetensors"], exports  # rank 0 wrote it; no temp files left by rank 1
+    run_dir = r["tmp"] / "out2" / "pcpo" / "dist_run"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.safetensors", "dashboard.png", "metrics.jsonl"]
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["iteration"] for ln in lines] == [1, 2]  # one line per iteration, written by rank 0
+    assert lines[1]["reward_mean"] == pytest.approx(h1[1]["reward_mean"], rel=1e-3, abs=1e-6)
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(two_ranks_and_one):

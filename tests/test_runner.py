@@ -205,6 +205,15 @@ def test_runner_trains_shows_progress_and_resumes(tmp_path):
     assert done.returncode == 0 and "nothing to do" in done.stdout
 
 
+def test_a_node_that_fails_validation_is_an_error_not_dropped(tmp_path):
+    api = tiny_sd15(run_name="runner_invalid")
+    api["95"] = {"class_type": "PCPODashboard", "inputs": {"width": 256, "height": 100, "session": ["2", 1]}}
+    res = run_runner(write_json(tmp_path / "wf.json", api), tmp_path / "out", 1, tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "node 95 (PCPODashboard)" in res.stderr and "height" in res.stderr, res.stderr
+    assert not (tmp_path / "out" / "pcpo" / "runner_invalid").exists()
+
+
 def test_ctrl_c_exits_cleanly_with_the_run_saved(tmp_path):
     wf = write_json(tmp_path / "wf.json", tiny_sd15(run_name="runner_sigint"))
     out = tmp_path / "out"
