@@ -331,9 +331,9 @@ class PCPORewardGuard:
                                        "the learning rate (times lr_factor, from then on), or continue."}),
             "lr_factor": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.05,
                                     "tooltip": "lower_lr multiplies the learning rate by this at each rollback."}),
-            "best_filename": ("STRING", {"default": "pcpo/pcpo_lora_best", "tooltip":
-                                         "The best LoRA is exported here (inside models/loras), beside the latest "
-                                         "one; empty: not exported."}),
+            "best_filename": ("STRING", {"default": "pcpo/{run}_best", "tooltip":
+                                         "The best LoRA is exported here (inside models/loras; {run} becomes the "
+                                         "run name), beside the latest one; empty: not exported."}),
             "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": "Precision of the best LoRA file."}),
         }}
 

@@ -133,3 +133,32 @@ def test_tensorboard_is_optional(tmp_path):
     wrote = TensorBoardSink.write(str(tmp_path), {"iteration": 1, "reward_mean": 0.5})
     assert wrote == tensorboard_available()
     assert os.path.isdir(tmp_path / "tensorboard") == wrote
+
+
+def test_demo_workflow_evaluates_guards_and_draws(pcpo, comfy, comfy_dirs):
+    """The shipped demo workflow (shrunk as in test_workflows) runs its held-out evaluation after the
+    update (iteration 1), the guard keeps that state as the best one and exports it, and the dashboard
+    shows the run: its metrics line holds the update's stats and the held-out results."""
+    import copy
+    import uuid
+    from test_workflows import WORKFLOWS, _node_id, _read, shrink
+    api = _read(WORKFLOWS / "api" / "demo_tiny_pcpo.json")
+    run = f"wf_dash_{uuid.uuid4().hex[:6]}"
+    prompt = shrink(api, "demo", run)
+    ids = {ct: _node_id(prompt, ct) for ct in ("PCPOLoRAUpdate", "PCPOHeldOutEvaluation", "PCPORewardGuard",
+                                               "PCPODashboard")}
+    assert prompt[ids["PCPOHeldOutEvaluation"]]["inputs"]["stats"] == [ids["PCPOLoRAUpdate"], 1]
+    assert prompt[ids["PCPODashboard"]]["inputs"]["stats"] == [ids["PCPORewardGuard"], 0]
+    res = comfy.execute_prompt(copy.deepcopy(prompt))
+    stats = json.loads(res.outputs[ids["PCPOLoRAUpdate"]][1])
+    held = res.outputs[ids["PCPOHeldOutEvaluation"]][0]
+    report = json.loads(res.outputs[ids["PCPORewardGuard"]][0])
+    assert held.fresh and held.iteration == 1 and set(held.guards) == {"saturation"}
+    assert report["new_best"] and report["best_iteration"] == 1
+    assert (comfy_dirs["loras"] / "pcpo" / "demo_tiny_pcpo_best.safetensors").is_file()
+    img, path = res.outputs[ids["PCPODashboard"]]
+    assert img.shape == (1, 768, 1024, 3) and res.ui[ids["PCPODashboard"]]["images"]
+    (rec,) = read_metrics(path)
+    assert rec["reward_mean"] == stats["reward_mean"] and rec["grad_norm"] == stats["grad_norm"]
+    assert rec["heldout_reward"] == held.reward and rec["heldout_guard"] == held.guards
+    assert rec["guard_best_iteration"] == 1

@@ -132,7 +132,7 @@ def test_shipped_irg_workflow_runs(pcpo, comfy, comfy_dirs):
     for node in api.values():
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 4
-        elif node["class_type"] == "EmptyLatentImage":
+        elif node["class_type"] == "EmptyChromaRadianceLatentImage":
             node["inputs"]["batch_size"] = 2
     res = comfy.execute_prompt(api)
     decoded = [res.outputs[k][0] for k, v in api.items() if v["class_type"] == "VAEDecode"]

@@ -540,7 +540,7 @@ IRG_NOTE = (
     "tuned one, 2 pushes further along the learned reward. Both predictions come from one batched model call "
     "per step, so any sampler works. LoRA strength (LoraLoader) scales the weights instead, which is only the "
     "first-order approximation of this. Top row: base model; bottom row: IRG with lambda 2, same seed.\n\n"
-    "The demo model works in 32x32 pixels: EmptyLatentImage 256x256 gives its 32x32 latent.\n"
+    "The demo model works in 32x32 pixels: EmptyChromaRadianceLatentImage makes its 3-channel pixel latent.\n"
 )
 
 
@@ -553,7 +553,7 @@ def demo_irg() -> Workflow:
             "guidance_2": 1.0, "lora_name_3": "None", "guidance_3": 1.0}, {"model": (1, 0)}),
         N(3, "CLIPTextEncode", (420, 360), {"text": prompt}, {"clip": (1, 1)}),
         N(4, "CLIPTextEncode", (420, 560), {"text": ""}, {"clip": (1, 1)}),
-        N(5, "EmptyLatentImage", (40, 360), {"width": 256, "height": 256, "batch_size": 8}),
+        N(5, "EmptyChromaRadianceLatentImage", (40, 360), {"width": 32, "height": 32, "batch_size": 8}),
         N(6, "KSampler", (860, 60), {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler_ancestral",
                                      "scheduler": "simple", "denoise": 1.0},
           {"model": (1, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
