@@ -207,9 +207,14 @@ class _Panel:
     def __init__(self, draw, box, title, font, small):
         self.d, self.font, self.small = draw, font, small
         x0, y0, x1, y1 = box
+        self.x1 = x1
         draw.rectangle(box, outline=(180, 180, 180))
         draw.text((x0 + 8, y0 + 4), title, fill=FG, font=font)
-        self.plot = (x0 + 62, y0 + 34, x1 - 12, y1 - 26)
+        self.legend_x = x0 + 20 + int(draw.textlength(title, font=font))
+        self.legend_y = y0 + 4 + max(0, (getattr(font, "size", 12) - getattr(small, "size", 10)) // 2)
+        self.label_w = int(draw.textlength("-0.00e-00", font=small)) + 6
+        self.plot = (x0 + self.label_w + 4, y0 + getattr(font, "size", 12) + 16, x1 - 12,
+                     y1 - getattr(small, "size", 10) - 10)
 
     def frame(self, xr, yr):
         self.xr, self.yr = xr, yr
@@ -218,10 +223,11 @@ class _Panel:
             y = py0 + (py1 - py0) * k / 2
             self.d.line([(px0, y), (px1, y)], fill=GRID)
             v = yr[1] - (yr[1] - yr[0]) * k / 2
-            self.d.text((self.plot[0] - 58, y - 8), _fmt(v), fill=FG, font=self.small)
+            self.d.text((self.plot[0] - self.label_w, y - getattr(self.small, "size", 10) // 2), _fmt(v), fill=FG,
+                        font=self.small)
         self.d.text((px0, py1 + 4), str(int(xr[0])), fill=FG, font=self.small)
         last = str(int(xr[1]))
-        self.d.text((px1 - 9 * len(last), py1 + 4), last, fill=FG, font=self.small)
+        self.d.text((px1 - self.d.textlength(last, font=self.small), py1 + 4), last, fill=FG, font=self.small)
 
     def xy(self, x, y):
         px0, py0, px1, py1 = self.plot
@@ -254,12 +260,16 @@ class _Panel:
         self.d.line([(px, self.plot[1]), (px, self.plot[3])], fill=colour, width=2)
 
     def legend(self, items):
-        x = self.plot[0] + 4
-        y = self.plot[1] - 2
+        """Colour keys on the title row, right of the title."""
+        x, y = self.legend_x, self.legend_y
+        h = getattr(self.small, "size", 10)
         for label, colour in items:
-            self.d.rectangle([x, y + 5, x + 14, y + 11], fill=colour)
-            self.d.text((x + 18, y - 2), label, fill=FG, font=self.small)
-            x += 26 + int(self.d.textlength(label, font=self.small))
+            w = 28 + int(self.d.textlength(label, font=self.small))
+            if x + w > self.x1 and x > self.plot[0] + 4:  # next row, inside the plot's top
+                x, y = self.plot[0] + 4, (self.plot[1] + 2 if y == self.legend_y else y + h + 4)
+            self.d.rectangle([x, y + h // 2 - 3, x + 14, y + h // 2 + 3], fill=colour)
+            self.d.text((x + 18, y), label, fill=FG, font=self.small)
+            x += w
 
 
 def _range(values: list, pad: float = 0.05) -> tuple:
@@ -288,14 +298,15 @@ def render_dashboard(records: list, title: str = "", width: int = 1024, height: 
 
     img = Image.new("RGB", (int(width), int(height)), BG)
     d = ImageDraw.Draw(img)
-    font, small = _font(max(12, height // 38)), _font(max(10, height // 52))
+    font, small = _font(max(12, height // 32)), _font(max(10, height // 44))
     last = records[-1] if records else {}
     rollbacks = [r for r in records if isinstance(r.get("rollback"), dict)]
     head = f"{title}  iteration {last.get('iteration', 0)}"
     if records:
         head += f"  reward {_fmt(last.get('reward_mean'))}  running {_fmt(last.get('reward_running_mean'))}"
     if rollbacks:
-        head += f"  rollbacks {len(rollbacks)}"
+        rb = rollbacks[-1]["rollback"]
+        head += f"  rollbacks {len(rollbacks)} (last {rb.get('iteration')} -> {rb.get('to_iteration')})"
     d.text((10, 6), head, fill=FG, font=font)
     top = 10 + font.size + 8 if hasattr(font, "size") else 30
     W, H = int(width), int(height) - top
@@ -316,12 +327,12 @@ def render_dashboard(records: list, title: str = "", width: int = 1024, height: 
         p.band(xs, lo, hi, (205, 225, 242))
         p.line(xs, mean, PALETTE[0])
         p.line(rx, run, PALETTE[1], width=3)
-        p.legend([("mean ± std", PALETTE[0]), (f"running mean ({RUNNING_MEAN_WINDOW})", PALETTE[1])])
+        p.legend([("mean ± std", PALETTE[0]), (f"running mean {RUNNING_MEAN_WINDOW}", PALETTE[1])])
     else:
         _empty(p)
 
     # 2. held-out rewards (+ rollbacks)
-    p = _Panel(d, boxes[1], "held-out reward (red: rollback)", font, small)
+    p = _Panel(d, boxes[1], "held-out", font, small)
     hx, hv = series(records, "heldout_reward")
     guards = sorted({k for r in records for k in (r.get("heldout_guard") or {})})
     gser = [(g,) + series(records, "heldout_guard", g) for g in guards]
@@ -334,18 +345,18 @@ def render_dashboard(records: list, title: str = "", width: int = 1024, height: 
         if hx:
             p.line(hx, hv, PALETTE[0])
             p.dots(hx, hv, PALETTE[0])
-            items.append(("training reward", PALETTE[0]))
+            items.append((str(last.get("heldout_reward_name") or "reward"), PALETTE[0]))
         for k, (g, gx, gv) in enumerate(gser):
             c = PALETTE[(k + 2) % len(PALETTE)]
             p.line(gx, gv, c)
             p.dots(gx, gv, c)
             items.append((g, c))
-        p.legend(items)
+        p.legend(items + ([("rollback", RED)] if rollbacks else []))
     else:
         _empty(p, "no held-out evaluation yet")
 
     # 3. KL to the base model (held-out) or per update
-    p = _Panel(d, boxes[2], "KL to base (held-out) / per update", font, small)
+    p = _Panel(d, boxes[2], "KL", font, small)
     kx, kv = series(records, "heldout_kl_base")
     ax, av = series(records, "approx_kl")
     if kx or ax:
@@ -354,7 +365,7 @@ def render_dashboard(records: list, title: str = "", width: int = 1024, height: 
         if kx:
             p.line(kx, kv, PALETTE[3])
             p.dots(kx, kv, PALETTE[3])
-        p.legend([("KL to base", PALETTE[3]), ("approx KL of update", PALETTE[4])])
+        p.legend([("to base (held-out)", PALETTE[3]), ("of each update", PALETTE[4])])
     else:
         _empty(p)
 
@@ -368,7 +379,7 @@ def render_dashboard(records: list, title: str = "", width: int = 1024, height: 
         _empty(p)
 
     # 5. zero-variance groups
-    p = _Panel(d, boxes[4], "zero-variance groups (share)", font, small)
+    p = _Panel(d, boxes[4], "zero-variance groups", font, small)
     zx, zv = series(records, "zero_std_fraction")
     if zx:
         p.frame(xr, (0.0, 1.0))
@@ -388,11 +399,11 @@ def render_dashboard(records: list, title: str = "", width: int = 1024, height: 
                 v = mat[i, j]
                 colour = (235, 235, 235) if np.isnan(v) else _colour(float(v))
                 d.rectangle([px0 + j * cwid, py0 + i * rh, px0 + (j + 1) * cwid, py0 + (i + 1) * rh], fill=colour)
-        d.text((px0 - 58, py0), "t=0", fill=FG, font=small)
-        d.text((px0 - 58, py1 - 14), f"t={steps - 1}", fill=FG, font=small)
+        d.text((px0 - p.label_w, py0), "step 0", fill=FG, font=small)
+        d.text((px0 - p.label_w, py1 - getattr(small, "size", 10)), f"step {steps - 1}", fill=FG, font=small)
         d.text((px0, py1 + 4), str(spans[0][0]), fill=FG, font=small)
-        d.text((px1 - 40, py1 + 4), str(spans[-1][1]), fill=FG, font=small)
-        d.text((px0 + 60, py1 + 4), f"max {_fmt(float(np.nanmax(mat)) if np.isfinite(mat).any() else float('nan'))}",
+        d.text((px1 - d.textlength(str(spans[-1][1]), font=small), py1 + 4), str(spans[-1][1]), fill=FG, font=small)
+        d.text(((px0 + px1) / 2 - 40, py1 + 4), f"max {_fmt(float(np.nanmax(mat)) if np.isfinite(mat).any() else float('nan'))}",
                fill=FG, font=small)
     else:
         _empty(p)
