@@ -226,3 +226,23 @@ def test_guard_actions(pcpo, demo, action):
     finally:
         with loop._lock:
             loop._pending.pop("p1", None)
+
+
+def test_heldout_takes_any_pcpo_reward(pcpo, demo):
+    """Training and guard rewards as PCPO_REWARD sockets (a loader's output, a Reward Mix): the same
+    scores as the registry names; a mix scores its raw weighted mean."""
+    model, clip, vae = demo
+    sess = _session(pcpo, model, "heldout_rewards", 1e-2)
+    node = pcpo.nodes["PCPOHeldOutEvaluation"]
+    builtin = pcpo.nodes["PCPOBuiltinReward"]()
+    bright, sat = builtin.load("brightness")[0], builtin.load("saturation")[0]
+    mix = pcpo.nodes["PCPORewardMix"]().mix(reward_1=bright, weight_1=1.0, reward_2=sat, weight_2=0.5)[0]
+    from comfyui_pcpo import rewards
+    args = (clip, vae, [HELDOUT], "", 2, 4, 3.0, 1.0, "simple", 32, 32, 7)
+    with torch.inference_mode():
+        by_name = node.run(sess, *args, rewards.builtin_reward("brightness"), [rewards.builtin_reward("saturation")])
+        by_socket = node.run(sess, *args, bright, [sat, mix])
+    assert by_socket.reward == by_name.reward and by_socket.reward_name == "brightness"
+    assert by_socket.guards["saturation"] == by_name.guards["saturation"]
+    (mix_label,) = [k for k in by_socket.guards if k != "saturation"]
+    assert by_socket.guards[mix_label] == pytest.approx(by_name.reward + 0.5 * by_name.guards["saturation"])
