@@ -214,7 +214,8 @@ def run(args) -> int:
     host, sessions = load_comfyui(args.comfyui, args.out, args.nodes, args.all_custom_nodes)
     if rank == 0:
         host.announce(args.comfyui)
-    ckpt = os.path.join(comfyui_module("folder_paths").get_output_directory(), "pcpo", run_name, "checkpoint.safetensors")
+    output = comfyui_module("folder_paths").get_output_directory()
+    ckpt = os.path.join(output, "pcpo", run_name, "checkpoint.safetensors")
     resume = bool(prompt[lora_id]["inputs"].get("resume", True))
     start = (checkpoint_iteration(ckpt) or 0) if resume else 0
     target = int(args.iterations)
@@ -342,3 +343,8 @@ def main(argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except Exception as e:  # outside an iteration (loading ComfyUI or the pack): tell the other ranks too
+        if distributed.active():
+            rank = distributed.context()[0]
+            distributed.report_failure(f"rank {rank} failed: {type(e).__name__}: {e}")
+        raise
