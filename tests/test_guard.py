@@ -198,6 +198,13 @@ def test_guard_rolls_back_a_hacked_run_exactly(pcpo, demo):
     with torch.inference_mode():
         img = pcpo.nodes["PCPODashboard"]().render(sess, 800, 600)["result"][0]
     assert img.shape == (1, 600, 800, 3)
+    # after a restart (a new session from the checkpoint) the lowered learning rate still applies
+    pcpo.mod("nodes.session").SESSIONS.pop("hacked")
+    with torch.inference_mode():
+        again = pcpo.nodes["PCPOLoRA"]().create(model, "hacked", 4, 4.0, "attention", 2e-2, "AdamW", 0.0, 0, True)[1]
+    assert again is not sess and again.iteration == it + 1
+    _iteration(pcpo, again, prompts, vae)
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
 
 
 @pytest.mark.parametrize("action", ["stop", "continue"])
