@@ -7,8 +7,8 @@
   after a crash and a resume from an older checkpoint the file follows the run again, and readers
   keep only the lines up to the run's iteration.  A line cut by a crash is skipped when read.
 * :func:`render_dashboard` draws the stats as one RGB image (uint8 array), readable at node size:
-  matplotlib is not needed (Pillow draws it); TensorBoard scalars are written only when the
-  ``tensorboard`` package is installed (:class:`TensorBoardSink`).
+  with matplotlib when it is installed, else with Pillow alone (never required); TensorBoard
+  scalars are written only when the ``tensorboard`` package is installed (:class:`TensorBoardSink`).
 """
 from __future__ import annotations
 
@@ -289,11 +289,109 @@ def _empty(p: _Panel, text="no data yet"):
     p.d.text(((px0 + px1) / 2 - 50, (py0 + py1) / 2 - 8), text, fill=(120, 120, 120), font=p.small)
 
 
-def render_dashboard(records: list, title: str = "", width: int = 1024, height: int = 768) -> np.ndarray:
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def render_dashboard(records: list, title: str = "", width: int = 1024, height: int = 768,
+                     backend: str = "auto") -> np.ndarray:
     """The dashboard of ``records`` (from :func:`read_metrics`) as an (height, width, 3) uint8 image:
     training reward (mean, ±std band, running mean), held-out rewards with rollbacks marked, KL to
     the base model, gradient norm, zero-variance groups, and the clip fraction per timestep over
-    iterations as a heatmap."""
+    iterations as a heatmap.  ``backend``: ``auto`` (matplotlib when installed, else the plain
+    Pillow renderer), ``matplotlib`` or ``plain``."""
+    if backend not in ("auto", "matplotlib", "plain"):
+        raise ValueError(f"unknown dashboard backend {backend!r}")
+    if backend == "matplotlib" or (backend == "auto" and matplotlib_available()):
+        return render_dashboard_matplotlib(records, title, width, height)
+    return render_dashboard_plain(records, title, width, height)
+
+
+def _headline(records: list, title: str) -> str:
+    last = records[-1] if records else {}
+    rollbacks = [r["rollback"] for r in records if isinstance(r.get("rollback"), dict)]
+    head = f"{title}  iteration {last.get('iteration', 0)}"
+    if records:
+        head += f"  reward {_fmt(last.get('reward_mean'))}  running {_fmt(last.get('reward_running_mean'))}"
+    if rollbacks:
+        head += f"  rollbacks {len(rollbacks)} (last {rollbacks[-1].get('iteration')} -> {rollbacks[-1].get('to_iteration')})"
+    return head
+
+
+def render_dashboard_matplotlib(records: list, title: str = "", width: int = 1024, height: int = 768) -> np.ndarray:
+    """:func:`render_dashboard` drawn with matplotlib (Agg, no display needed)."""
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    fs = max(7.0, height / 70)
+    fig.suptitle(_headline(records, title), fontsize=fs * 1.2, x=0.01, ha="left")
+    axes = fig.subplots(3, 2)
+    rgb = [tuple(c / 255 for c in col) for col in PALETTE]
+    rollbacks = [r for r in records if isinstance(r.get("rollback"), dict)]
+    last = records[-1] if records else {}
+
+    ax = axes[0, 0]
+    ax.set_title("training reward", fontsize=fs, loc="left")
+    xs, mean = series(records, "reward_mean")
+    _, std = series(records, "reward_std")
+    if xs:
+        if len(std) == len(mean):
+            ax.fill_between(xs, [m - v for m, v in zip(mean, std)], [m + v for m, v in zip(mean, std)],
+                            color=rgb[0], alpha=0.2, lw=0)
+        ax.plot(xs, mean, color=rgb[0], lw=1.2, label="mean ± std")
+        ax.plot(*series(records, "reward_running_mean"), color=rgb[1], lw=2, label=f"running mean {RUNNING_MEAN_WINDOW}")
+    ax = axes[0, 1]
+    ax.set_title("held-out", fontsize=fs, loc="left")
+    hx, hv = series(records, "heldout_reward")
+    if hx:
+        ax.plot(hx, hv, "o-", color=rgb[0], ms=3, label=str(last.get("heldout_reward_name") or "reward"))
+    for k, g in enumerate(sorted({k for r in records for k in (r.get("heldout_guard") or {})})):
+        ax.plot(*series(records, "heldout_guard", g), "o-", color=rgb[(k + 2) % len(rgb)], ms=3, label=g)
+    for i, r in enumerate(rollbacks):
+        ax.axvline(int(r["iteration"]), color=tuple(c / 255 for c in RED), lw=1.5, label="rollback" if i == 0 else None)
+    ax = axes[1, 0]
+    ax.set_title("KL", fontsize=fs, loc="left")
+    kx, kv = series(records, "heldout_kl_base")
+    if kx:
+        ax.plot(kx, kv, "o-", color=rgb[3], ms=3, label="to base (held-out)")
+    ax.plot(*series(records, "approx_kl"), color=rgb[4], lw=1, label="of each update")
+    ax = axes[1, 1]
+    ax.set_title("gradient norm", fontsize=fs, loc="left")
+    ax.plot(*series(records, "grad_norm"), color=rgb[2], lw=1.2)
+    ax = axes[2, 0]
+    ax.set_title("zero-variance groups", fontsize=fs, loc="left")
+    ax.plot(*series(records, "zero_std_fraction"), color=rgb[5], lw=1.2)
+    ax.set_ylim(-0.02, 1.02)
+    ax = axes[2, 1]
+    ax.set_title("clip fraction per timestep", fontsize=fs, loc="left")
+    mat, spans = clip_heatmap(records, max_columns=400)
+    if mat.size:
+        im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="OrRd", vmin=0, vmax=max(1e-6, np.nanmax(mat)),
+                       interpolation="nearest", extent=(spans[0][0] - 0.5, spans[-1][1] + 0.5, mat.shape[0] - 0.5, -0.5))
+        ax.set_ylabel("step", fontsize=fs * 0.8)
+        fig.colorbar(im, ax=ax, pad=0.01)
+    for a in axes.flat:
+        a.tick_params(labelsize=fs * 0.8)
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=fs * 0.75, loc="best", framealpha=0.6)
+        if not a.has_data():
+            a.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=a.transAxes, fontsize=fs, color="0.5")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.canvas.draw()
+    buf = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    return np.ascontiguousarray(buf[:height, :width]).astype(np.uint8)
+
+
+def render_dashboard_plain(records: list, title: str = "", width: int = 1024, height: int = 768) -> np.ndarray:
+    """:func:`render_dashboard` drawn with Pillow only (no plotting library)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (int(width), int(height)), BG)
@@ -301,13 +399,7 @@ def render_dashboard(records: list, title: str = "", width: int = 1024, height: 
     font, small = _font(max(12, height // 32)), _font(max(10, height // 44))
     last = records[-1] if records else {}
     rollbacks = [r for r in records if isinstance(r.get("rollback"), dict)]
-    head = f"{title}  iteration {last.get('iteration', 0)}"
-    if records:
-        head += f"  reward {_fmt(last.get('reward_mean'))}  running {_fmt(last.get('reward_running_mean'))}"
-    if rollbacks:
-        rb = rollbacks[-1]["rollback"]
-        head += f"  rollbacks {len(rollbacks)} (last {rb.get('iteration')} -> {rb.get('to_iteration')})"
-    d.text((10, 6), head, fill=FG, font=font)
+    d.text((10, 6), _headline(records, title), fill=FG, font=font)
     top = 10 + font.size + 8 if hasattr(font, "size") else 30
     W, H = int(width), int(height) - top
     cw, ch = W // 2, H // 3

@@ -16,8 +16,8 @@ import torch
 import folder_paths
 
 from comfyui_pcpo import distributed
-from comfyui_pcpo.metrics import (TensorBoardSink, iteration_record, metrics_path, read_metrics, render_dashboard,
-                                  write_metrics)
+from comfyui_pcpo.metrics import (TensorBoardSink, iteration_record, matplotlib_available, metrics_path, read_metrics,
+                                  render_dashboard, write_metrics)
 
 log = logging.getLogger("comfyui-pcpo")
 
@@ -90,19 +90,25 @@ class PCPODashboard:
                                  "Guard's report) here so the dashboard draws after this iteration's update."}),
             "last_iterations": ("INT", {"default": 0, "min": 0, "max": 1000000, "tooltip":
                                         "Plot only the last this many iterations (0 = the whole run)."}),
+            "renderer": (["auto", "matplotlib", "plain"], {"default": "auto", "tooltip":
+                         "auto: matplotlib when it is installed, else the plain renderer (Pillow only)."}),
         }}
 
     @classmethod
     def IS_CHANGED(cls, **kw):
         return float("nan")
 
-    def render(self, session, width, height, stats=None, last_iterations=0):
+    def render(self, session, width, height, stats=None, last_iterations=0, renderer="auto"):
         session = session.live()
         path = metrics_path(session.run_dir)
         records = read_metrics(path, up_to=session.state.iteration)
         if last_iterations and len(records) > last_iterations:
             records = records[-int(last_iterations):]
-        arr = render_dashboard(records, title=session.run_name, width=int(width), height=int(height))
+        if renderer == "matplotlib" and not matplotlib_available():
+            raise ValueError("PCPO Dashboard: matplotlib is not installed; set renderer to auto or plain (or "
+                             "pip install matplotlib in ComfyUI's environment)")
+        arr = render_dashboard(records, title=session.run_name, width=int(width), height=int(height),
+                               backend=renderer)
         os.makedirs(session.run_dir, exist_ok=True)
         from PIL import Image
         if distributed.is_writer():  # several processes: rank 0 writes the file

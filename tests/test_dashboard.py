@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_pcpo.metrics import (clip_heatmap, iteration_record, metrics_path, read_metrics, render_dashboard,
-                                  running_mean, series, tensorboard_available, truncate_metrics, write_metrics)
+from comfyui_pcpo.metrics import (clip_heatmap, iteration_record, matplotlib_available, metrics_path, read_metrics,
+                                  render_dashboard, running_mean, series, tensorboard_available, truncate_metrics,
+                                  write_metrics)
 
 
 def _records(n):
@@ -55,16 +56,19 @@ def test_metrics_file_is_idempotent_by_iteration(tmp_path):
     assert last["grad_norm"] is None and last["x"] == [None, 1.0]
 
 
+@pytest.mark.parametrize("backend", ["plain", "matplotlib"])
 @pytest.mark.parametrize("n", [0, 1, 500])
-def test_dashboard_renders(n):
+def test_dashboard_renders(n, backend):
+    if backend == "matplotlib" and not matplotlib_available():
+        pytest.skip("matplotlib is not installed (optional)")
     recs = _records(n)
-    img = render_dashboard(recs, title="run", width=1024, height=768)
+    img = render_dashboard(recs, title="run", width=1024, height=768, backend=backend)
     assert img.shape == (768, 1024, 3) and img.dtype == np.uint8
     assert (img < 128).any() and (img > 250).any()  # text and background
     if n >= 30:  # the rollback's line differs from the image without it
         norb = [{k: v for k, v in r.items() if k != "rollback"} for r in recs]
-        assert not np.array_equal(img, render_dashboard(norb, title="run", width=1024, height=768))
-    small = render_dashboard(recs, width=512, height=384)
+        assert not np.array_equal(img, render_dashboard(norb, title="run", width=1024, height=768, backend=backend))
+    small = render_dashboard(recs, width=512, height=384, backend=backend)
     assert small.shape == (384, 512, 3)
 
 
