@@ -153,7 +153,11 @@ class PCPOExportLoRA:
         if not adapters:
             raise ValueError("PCPO Export LoRA: the session has no LoRA adapters to save")
         root = folder_paths.get_folder_paths("loras")[0]
-        filename = filename.replace(RUN_TOKEN, session.run_name)  # run names are checked by PCPO LoRA
+        if RUN_TOKEN in filename:  # run names are checked by PCPO LoRA
+            run_name = getattr(session, "run_name", "")
+            if not run_name:
+                raise ValueError(f"PCPO Export LoRA: {RUN_TOKEN} in the file name needs a session with a run name")
+            filename = filename.replace(RUN_TOKEN, run_name)
         path = safe_output_path(root, filename)
         tdtype = DTYPES[dtype]
         if not distributed.is_writer():  # several processes: rank 0 writes the file
