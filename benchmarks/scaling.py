@@ -81,10 +81,17 @@ def measure(processes: int, iterations: int, tree: str, work: pathlib.Path) -> d
     rows = [json.loads(ln) for ln in timings.read_text().splitlines() if ln.strip()]
     steady = rows[1:]
     secs = sum(r["seconds"] for r in steady)
+    # CPU seconds per iteration of the busiest process: the iteration time on free cores (the waiting
+    # in collectives and for a CPU under contention is not CPU time)
+    cpu = [sum(r["cpu_seconds"] for r in steady)]
+    for rank in range(1, processes):
+        other = [json.loads(ln) for ln in pathlib.Path(f"{timings}.rank{rank}").read_text().splitlines() if ln]
+        cpu.append(sum(r["cpu_seconds"] for r in other[1:]))
     coll = rows[-1]["collective_seconds_total"] - rows[0]["collective_seconds_total"]
     samples = 4 * 8 * len(steady)
     return {"processes": processes, "groups_per_process": groups, "iterations_timed": len(steady),
             "seconds_per_iteration": secs / len(steady), "samples_per_second": samples / secs,
+            "cpu_seconds_per_iteration": [c / len(steady) for c in cpu], "cpu_samples_per_second": samples / max(cpu),
             "collective_share": coll / secs if processes > 1 else 0.0,
             "first_iteration_seconds": rows[0]["seconds"], "command_wall_seconds": wall,
             "reward_means": [r["reward_mean"] for r in rows]}
@@ -145,12 +152,15 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"demo model, 4 groups x 8 samples per iteration, {a.iterations - 1} timed iterations, one thread per "
           f"process, gloo; {os.cpu_count()} CPUs, load average {load:.1f} at the end")
-    print("| processes | groups per process | s / iteration | samples / s | speed-up | time in collectives |")
-    print("|---|---|---|---|---|---|")
+    print("| processes | groups per process | wall s / iteration | samples / s | speed-up | time in collectives "
+          "| CPU s / iteration (per process) | samples / CPU-s of the busiest process | speed-up (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        cpus = " / ".join(f"{c:.2f}" for c in r["cpu_seconds_per_iteration"])
         print(f"| {r['processes']} | {r['groups_per_process']} | {r['seconds_per_iteration']:.2f} | "
               f"{r['samples_per_second']:.2f} | {r['samples_per_second'] / one['samples_per_second']:.2f}x | "
-              f"{100 * r['collective_share']:.1f}% |")
+              f"{100 * r['collective_share']:.1f}% | {cpus} | {r['cpu_samples_per_second']:.2f} | "
+              f"{r['cpu_samples_per_second'] / one['cpu_samples_per_second']:.2f}x |")
     per_iter = 2  # two optimizer steps per rollout: two gradient all-reduces (+ two tiny stats ones)
     print(f"bare all-reduce of the LoRA gradients ({numel} floats): {1e3 * bare['median_s']:.2f} ms; "
           f"{per_iter} per iteration = {100 * per_iter * bare['median_s'] / two['seconds_per_iteration']:.4f}% "

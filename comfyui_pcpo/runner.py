@@ -230,7 +230,7 @@ def run(args) -> int:
         raise WorkflowError(host._validation_message(prompt, error, node_errors))
     executor = host.new_executor()
     iteration, done, t0 = start, 0, time.monotonic()
-    t_last = t0
+    t_last, cpu_last = t0, time.process_time()
     rewards: list = []
     with _Interrupt() as stop:
         while iteration < target and not stop.requested:
@@ -259,8 +259,11 @@ def run(args) -> int:
             now = time.monotonic()
             _say(progress_line(iteration, target, rewards[-1], sum(recent) / len(recent), done, now - t0, world),
                  rank)
-            if args.timings and rank == 0:
-                _log_timing(args.timings, iteration, rewards[-1], now - t_last, world)
+            if args.timings:
+                cpu = time.process_time()
+                _log_timing(args.timings if rank == 0 else f"{args.timings}.rank{rank}", iteration, rewards[-1],
+                            now - t_last, cpu - cpu_last, world)
+                cpu_last = cpu
             t_last = now
     if stop.requested:
         sess = sessions.SESSIONS.get(run_name)
@@ -276,10 +279,12 @@ def run(args) -> int:
     return 0
 
 
-def _log_timing(path: str, iteration: int, reward: float, seconds: float, world: int) -> None:
-    """One JSON line per iteration: wall seconds, and seconds in the training collectives so far."""
+def _log_timing(path: str, iteration: int, reward: float, seconds: float, cpu_seconds: float, world: int) -> None:
+    """One JSON line per iteration: wall and CPU seconds of this process, and its seconds in the training
+    collectives so far (rank 0 writes FILE, rank r FILE.rank<r>)."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"iteration": iteration, "reward_mean": reward, "seconds": seconds, "processes": world,
+        f.write(json.dumps({"iteration": iteration, "reward_mean": reward, "seconds": seconds,
+                            "cpu_seconds": cpu_seconds, "processes": world,
                             "collective_seconds_total": distributed.COLLECTIVE_SECONDS[0]}) + "\n")
 
 
@@ -325,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                     help="several processes: torch.distributed backend (auto: NCCL on GPUs, gloo on CPU)")
     ap.add_argument("--timings", default=None, metavar="FILE",
-                    help="append one JSON line per iteration (wall seconds, seconds in collectives) to FILE")
+                    help="append one JSON line per iteration (wall and CPU seconds, seconds in collectives) to FILE "
+                         "(other ranks: FILE.rank<r>)")
     ap.add_argument("--verbose", action="store_true", help="ComfyUI's and the pack's info log")
     return ap
 

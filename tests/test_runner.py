@@ -186,8 +186,11 @@ def test_progress_line_has_iteration_reward_and_eta():
 def test_runner_trains_shows_progress_and_resumes(tmp_path):
     wf = write_json(tmp_path / "wf.json", tiny_sd15())
     out = tmp_path / "out"
-    first = run_runner(wf, out, 2, tmp_path)
+    timings = tmp_path / "timings.jsonl"
+    first = run_runner(wf, out, 2, tmp_path, extra=("--timings", str(timings)))
     assert first.returncode == 0, first.stdout + first.stderr
+    rows = [json.loads(ln) for ln in timings.read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2] and all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in rows)
     assert "starts at iteration 0, target 2" in first.stdout
     lines = [ln for ln in first.stdout.splitlines() if ln.startswith("iteration ")]
     assert [ln.split(" |")[0] for ln in lines] == ["iteration 1/2", "iteration 2/2"], first.stdout
