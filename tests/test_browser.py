@@ -435,6 +435,8 @@ def test_human_rating_panel_rates_and_the_update_uses_exactly_those_rewards(page
     page.wait("the rating panel", lambda: page.js(
         "return document.querySelectorAll('#pcpo-rating-panel .pcpo-img img').length === 4 && "
         "[...document.querySelectorAll('#pcpo-rating-panel .pcpo-img img')].every(i => i.complete && i.naturalWidth > 0)"))
+    assert "waiting for your rating" in page.wait("the status on the node", lambda: page.node_text(human_id),
+                                                  timeout=5)
     pending = page.server.get("/pcpo/ratings/pending")["pending"]
     assert len(pending) == 1
     req = pending[0]

@@ -44,6 +44,13 @@ function showOnNode(node, message) {
   node.setDirtyCanvas?.(true, true);
 }
 
+// the status line of every Human Rating node in the graph while a rating is pending
+function nodeStatus(text) {
+  for (const n of (app.graph && app.graph._nodes) || []) {
+    if (n.type === "PCPOHumanRating") { nodeText(n).textContent = text; n.setDirtyCanvas?.(true, true); }
+  }
+}
+
 function fmt(x) {
   return typeof x === "number" && isFinite(x) ? x.toFixed(4) : "-";
 }
@@ -63,9 +70,10 @@ const panel = {
     this.timer = setInterval(() => this.tick(), 500);
   },
 
-  close(requestId) {
+  close(requestId, why) {
     if (!this.req || (requestId && this.req.request_id !== requestId)) return;
     this.req = null;
+    nodeStatus(why || "rating closed");
     clearInterval(this.timer);
     if (this.el) this.el.remove();
     this.el = null;
@@ -193,8 +201,11 @@ const panel = {
   tick() {
     if (!this.el || !this.req) return;
     const s = Math.max(0, Math.round((this.deadline - Date.now()) / 1000));
-    this.el.querySelector(".pcpo-countdown").textContent =
-      `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")} left`;
+    const left = `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")} left`;
+    this.el.querySelector(".pcpo-countdown").textContent = left;
+    const done = this.req.groups.filter((x) => this.complete(x)).length;
+    nodeStatus(`waiting for your rating (panel at the top right): ${done} of ${this.req.groups.length} ` +
+               `group(s) rated, ${left}`);
   },
 
   status(text) { if (this.el) this.el.querySelector(".pcpo-status").textContent = text; },
@@ -257,7 +268,7 @@ const panel = {
     const id = this.req.request_id;
     const res = await this.post("/pcpo/ratings/submit", { request_id: id, ratings });
     this.busy = false;
-    if (res.ok) { window.__pcpoLastSubmit = { request_id: id, ratings }; this.close(id); }
+    if (res.ok) { window.__pcpoLastSubmit = { request_id: id, ratings }; this.close(id, "rating sent; training"); }
     else this.status(`Not accepted (${res.status}): ${res.data && res.data.error}`);
   },
 
@@ -265,7 +276,7 @@ const panel = {
     if (!this.req) return;
     const id = this.req.request_id;
     const res = await this.post("/pcpo/ratings/cancel", { request_id: id });
-    if (res.ok || res.status === 404) this.close(id);
+    if (res.ok || res.status === 404) this.close(id, "rating cancelled: the run stops");
     else this.status(`Cancel failed (${res.status})`);
   },
 
