@@ -324,8 +324,12 @@ def _headline(records: list, title: str) -> str:
 
 def render_dashboard_matplotlib(records: list, title: str = "", width: int = 1024, height: int = 768) -> np.ndarray:
     """:func:`render_dashboard` drawn with matplotlib (Agg, no display needed)."""
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError as e:
+        raise ImportError("the matplotlib dashboard needs matplotlib: pip install matplotlib, or pick the plain "
+                          "renderer") from e
 
     dpi = 100
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
