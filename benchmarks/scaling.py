@@ -6,7 +6,8 @@ Runs the shipped demo workflow (``workflows/api/demo_tiny_pcpo.json``: 4 prompts
 iteration, 10 steps, PCPO on half of the steps, 2 optimizer steps per rollout) through the product
 runner, ``python -m comfyui_pcpo.run``: once in one process (4 groups per iteration), once under
 ``torchrun --nproc_per_node 2`` (2 groups per rank, the same 4 groups per iteration in all). The
-export node is left out (training throughput only; it would write into the ComfyUI tree).
+export node is left out and the guard's best-LoRA export is off (training throughput only; they
+would write into the ComfyUI tree).
 
 Reported: samples per second over the iterations after the first (which loads the model), the
 speed-up, the share of wall time spent in the training collectives (gradient average and stats;
@@ -50,6 +51,8 @@ def workflow(prompts_per_iteration: int, run_name: str) -> dict:
             node["inputs"]["prompts_per_iteration"] = prompts_per_iteration
         elif node["class_type"] == "PCPOLoRA":
             node["inputs"].update(run_name=run_name, resume=False)
+        elif node["class_type"] == "PCPORewardGuard":
+            node["inputs"]["best_filename"] = ""  # no best-LoRA export into the ComfyUI tree either
     return api
 
 
