@@ -59,17 +59,23 @@ def _init(module: torch.nn.Module, seed: int) -> None:
                     p.copy_(torch.randn(p.shape, generator=g).mul_(0.02))
 
 
-def build(family: str, tiny: bool = False, dtype=torch.float32, seed: int = 0, dynamic: bool = False):
+def build(family: str, tiny: bool = False, dtype=torch.float32, seed: int = 0, dynamic: bool = False,
+          as_loaded: bool = True):
     """(MODEL patcher, positive, negative) for ``family``; weights stored in ``dtype``.
-    ``dynamic``: wrap in ComfyUI's Dynamic VRAM patcher where the host has one enabled."""
+    ``dynamic``: wrap in ComfyUI's Dynamic VRAM patcher where the host has one enabled.
+    ``as_loaded``: create the weights inside inference mode, as ComfyUI's loaders do (training then
+    works on a copy); otherwise as ordinary frozen tensors that training can share (no second copy
+    of the weights: what a memory measurement of the gradient pass alone wants)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
     cfg = getattr(sm, CLASSES[family])(dict((TINY if tiny else REAL)[family]))
     cfg.set_inference_dtype(dtype, None)
-    with torch.inference_mode():
+    with torch.inference_mode(as_loaded):
         model = cfg.get_model({}, device=None)
         _init(model.diffusion_model, seed)
+        if not as_loaded:
+            model.requires_grad_(False)
     cls = comfy.model_patcher.ModelPatcher
     if dynamic and hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
         cls = comfy.model_patcher.ModelPatcherDynamic

@@ -6,8 +6,9 @@ forward+backward of the same model through the same ComfyUI model call.
     python benchmarks/memory.py --families sd15        # a subset; finished configurations are kept (resumable)
     python benchmarks/memory.py --table                # re-tabulate the saved JSON
 
-Each configuration runs in a fresh process.  After the model is loaded, the trainable copy made and
-the LoRA attached, the process's peak resident set (``VmHWM``) is reset (``/proc/self/clear_refs``),
+Each configuration runs in a fresh process.  The weights are created as ordinary frozen tensors,
+so training shares them (a model from ComfyUI's loaders would get a trainable copy first: a second
+set of weights, not part of the pass).  After the model is built and the LoRA attached, the process's peak resident set (``VmHWM``) is reset (``/proc/self/clear_refs``),
 one pass runs (micro-batch 1, one timestep, cfg 4: cond and uncond batched, as ComfyUI samples),
 and the peak above that baseline is the pass's memory.  "ours" is the LoRA Update node's gradient
 pass (two samples of a group, one trained timestep each, so two passes; the peak is per pass);
@@ -53,7 +54,7 @@ def one(family: str, mode: str, checkpointing: str, threads: int) -> dict:
     import _models
     N = gpu_check.load_host()
     from comfyui_pcpo.rewards import score  # noqa: F401  (registry import before measuring)
-    model, pos, neg = _models.build(family, dtype=torch.bfloat16)
+    model, pos, neg = _models.build(family, dtype=torch.bfloat16, as_loaded=False)  # one copy of the weights
     size = _models.latent_size(family, False)
     with torch.inference_mode():
         sess = N["PCPOLoRA"]().create(model, f"mem_{family}", 16, 16.0, "attention", 1e-4, "AdamW", 0.0, 0, False,
