@@ -440,19 +440,22 @@ def test_export_node(pack, build, comfy_dirs, caplog):
     assert not os.path.exists(E.diffusers_output_path(folder_paths.get_output_directory(), "flux_run"))
 
 
-def test_pack_registers_export_node(comfy):
-    """Loaded the way ComfyUI loads custom nodes, the pack exposes the export node."""
-    assert comfy.load_pack(REPO) is True
+def test_pack_registers_export_node(pcpo):
+    """Loaded the way ComfyUI loads custom nodes, the pack exposes the export node.  (The ``pcpo``
+    fixture loads it once for the session: loading the repository a second time under another
+    folder name would replace every PCPO class in ComfyUI's registry with a second copy holding a
+    registry of runs of its own.)"""
+    assert pcpo.ok is True
     comfy_nodes = sys.modules["nodes"]
     cls = comfy_nodes.NODE_CLASS_MAPPINGS.get("PCPOExportLoRA")
     assert cls is not None and cls.__name__ == "PCPOExportLoRA"
     assert comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS.get("PCPOExportLoRA") == "PCPO Export LoRA"
 
 
-def test_export_node_in_a_prompt(comfy, comfy_dirs, caplog):
+def test_export_node_in_a_prompt(comfy, pcpo, comfy_dirs, caplog):
     """Through ComfyUI's executor (inference mode, caching): demo model -> PCPO LoRA -> export, then
     ComfyUI's LoraLoader applies the file with every key loaded."""
-    assert comfy.load_pack(REPO) is True
+    assert pcpo.ok is True
     prompt = {
         "1": {"class_type": "PCPODemoModelLoader", "inputs": {}},
         "2": {"class_type": "PCPOLoRA", "inputs": {
