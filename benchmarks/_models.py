@@ -59,17 +59,6 @@ def _init(module: torch.nn.Module, seed: int) -> None:
                     p.copy_(torch.randn(p.shape, generator=g).mul_(0.02))
 
 
-def _flux_host_fields(unet: dict) -> dict:
-    """FluxParams fields newer hosts require that model detection fills for a FLUX.1 checkpoint
-    (0.33+: ``txt_ids_dims=[]``); nothing where the host does not declare them."""
-    import dataclasses
-
-    import comfy.ldm.flux.model as flux_model
-    known = {"txt_ids_dims": []}
-    declared = {f.name for f in dataclasses.fields(flux_model.FluxParams)}
-    return {k: v for k, v in known.items() if k in declared and k not in unet}
-
-
 def build(family: str, tiny: bool = False, dtype=torch.float32, seed: int = 0, dynamic: bool = False,
           as_loaded: bool = True):
     """(MODEL patcher, positive, negative) for ``family``; weights stored in ``dtype``.
@@ -82,7 +71,8 @@ def build(family: str, tiny: bool = False, dtype=torch.float32, seed: int = 0, d
     import comfy.supported_models as sm
     unet = dict((TINY if tiny else REAL)[family])
     if family == "flux":
-        unet.update(_flux_host_fields(unet))
+        import comfyui_host  # tools/ (on sys.path for the benchmarks)
+        unet.update(comfyui_host.flux1_detection_defaults(unet))
     cfg = getattr(sm, CLASSES[family])(unet)
     cfg.set_inference_dtype(dtype, None)
     with torch.inference_mode(as_loaded):

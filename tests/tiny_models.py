@@ -276,22 +276,6 @@ def sd3(seed: int = 0) -> TinyModel:
     return TinyModel(patcher, "sd3", 16, cfg.latent_format, base.model_type)
 
 
-def _flux1_detection_defaults(unet: dict) -> dict:
-    """Settings ComfyUI's checkpoint detection adds to every FLUX.1 config in newer versions.
-
-    ``comfy.model_detection`` fills the model config from a checkpoint's keys; a tiny model has no
-    checkpoint, so the fields the host's ``FluxParams`` requires beyond ours get the values that
-    detection gives a FLUX.1 checkpoint (0.33+: ``txt_ids_dims=[]``).  Nothing is added where the
-    host does not declare the field (0.3.7x).
-    """
-    import dataclasses
-
-    import comfy.ldm.flux.model as flux_model
-    known = {"txt_ids_dims": []}  # model_detection: FLUX.1 (image_model "flux") -> no txt id dims
-    declared = {f.name for f in dataclasses.fields(flux_model.FluxParams)}
-    return {k: v for k, v in known.items() if k in declared and k not in unet}
-
-
 def flux(seed: int = 0, guidance: float = 3.5) -> TinyModel:
     """FLUX.1-dev-style DiT (guidance embedding): hidden 64, 2 heads, 1 double + 1 single block."""
     _comfy()
@@ -302,7 +286,7 @@ def flux(seed: int = 0, guidance: float = 3.5) -> TinyModel:
         num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
         patch_size=2, qkv_bias=True,
     )
-    unet.update(_flux1_detection_defaults(unet))
+    unet.update(_harness.host().flux1_detection_defaults(unet))
     cfg, base, patcher = _build(sm.Flux, unet, seed=seed)
     return TinyModel(patcher, "flux", 16, cfg.latent_format, base.model_type,
                      extra_cond={"guidance": float(guidance)})

@@ -612,6 +612,18 @@ def load_pack_folder(source: str | os.PathLike, custom_nodes_dir: str | os.PathL
     return LoadedPack(load_pack(link), link, name)
 
 
+def flux1_detection_defaults(unet: dict) -> dict:
+    """FluxParams fields a newer host requires that ComfyUI's checkpoint detection fills for a FLUX.1
+    config (0.33+: ``txt_ids_dims=[]``), for models built from a config without a checkpoint;
+    nothing where the host does not declare the field (0.3.7x).  ComfyUI must be imported."""
+    import dataclasses
+
+    import comfy.ldm.flux.model as flux_model
+    known = {"txt_ids_dims": []}  # model_detection: FLUX.1 (image_model "flux") -> no txt id dims
+    declared = {f.name for f in dataclasses.fields(flux_model.FluxParams)}
+    return {k: v for k, v in known.items() if k in declared and k not in unet}
+
+
 # --------------------------------------------------------------------------- running prompts headless
 
 class HeadlessServer:
