@@ -183,7 +183,7 @@ class PCPOHeldOutEvaluation:
             "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"default": "simple", "tooltip": "Sigma schedule."}),
             "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image width."}),
             "height": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image height."}),
-            "seed": ("INT", {"default": 1234, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
+            "seed": ("INT", {"default": 1234, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip":
                              "Fixes the held-out noise (use another value than the training seed)."}),
             "reward": (names, {"default": names[0], "tooltip": "The training reward (a registry name), unless "
                                "reward_model is connected."}),

@@ -103,7 +103,8 @@ class PCPOPrompts:
                                 "Negative prompt used for classifier-free guidance of every sample."}),
             "prompts_per_iteration": ("INT", {"default": 2, "min": 1, "max": 256, "tooltip":
                                       "Prompts drawn per iteration; each becomes one group of group_size samples."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seeds which prompts are drawn."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Seeds which prompts are drawn."}),
         }}
 
     @classmethod

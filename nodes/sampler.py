@@ -86,7 +86,7 @@ class PCPOTrajectorySampler:
                               "Classifier-free guidance scale (reference: 5). The policy is the guided prediction."}),
             "group_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":
                                    "Samples per prompt sharing one initial noise (reference: 12-16); at least 2."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip":
                              "Base seed; each iteration and group derive their own noise from it."}),
             "eta": ("FLOAT", {"default": 1.0, "min": MIN_ETA, "max": 1.0, "step": 0.01, "tooltip":
                               "Noise level: DDIM eta for eps/v models (1 = DDPM, reference), the SDE noise for "

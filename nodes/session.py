@@ -254,7 +254,7 @@ class PCPOLoRA:
             "weight_decay": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
                                        "tooltip": "Pulls the LoRA weights towards zero a little every step (AdamW: "
                                        "decoupled; SGD: L2; Adam ignores it). 1e-4 is a safe default; 0 turns it off."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip":
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True, "tooltip":
                              "Seeds the LoRA initialisation and the choice of trained timesteps. Fixed for the life "
                              "of a run."}),
             "resume": ("BOOLEAN", {"default": True, "tooltip": "Resume from the run folder's checkpoint when one "
