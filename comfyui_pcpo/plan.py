@@ -133,6 +133,18 @@ def step_mean(plan: StepPlan, i: int, x: torch.Tensor, pred: torch.Tensor) -> to
     return mu
 
 
+def mean_coefficients(plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, c), each (N,) float64: step i's mean is  mu = a_i x - c_i pred  (the kernel's prediction:
+    eps_hat for diffusion, v for flow), as :func:`step_mean` computes it.  Under ``uw-lambda`` the
+    kernel's prediction is the mix eps_ref + lambda (eps_theta - eps_ref), not the trained one."""
+    s, sn, std = plan.sigmas[:-1], plan.sigmas[1:], plan.std
+    if plan.family == "diffusion":
+        down = (sn ** 2 - std ** 2).clamp_min(0.0).sqrt()
+        return torch.ones_like(s), s - down
+    dt, s2 = s - sn, plan.noise_level ** 2
+    return 1.0 - s2 * dt / (2.0 * s), dt * (1.0 + s2 * (1.0 - s) / (2.0 * s))
+
+
 def prediction_from_denoised(plan: StepPlan, x: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
     """ComfyUI models return the denoised x0; convert to the kernel's prediction (eps_hat for
     diffusion, v for flow) at sigma / t (a scalar, or (b,) per sample)."""

@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import torch
 
 from .advantages import group_advantages
-from .objectives import ObjectiveInputs, get_objective
+from .objectives import LOG_RATIO_FORMS, ObjectiveInputs, get_objective
+from .plan import mean_coefficients
 from .trajectory import Trajectory
 
 Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,9 +33,15 @@ class PCPOConfig:
     grad_clip: float = 1.0            # max gradient norm; 0 = no clipping
     updates_per_rollout: int = 2
     seed: int = 0
+    log_ratio: str = "analytic"       # baselines only: "difference" = logp_new - logp_old as the reference codes
 
     def validate(self) -> "PCPOConfig":
         get_objective(self.objective)
+        if self.log_ratio not in LOG_RATIO_FORMS:
+            raise ValueError(f"log_ratio {self.log_ratio!r} is unknown; choose one of {', '.join(LOG_RATIO_FORMS)}")
+        if self.log_ratio != "analytic" and self.objective == "pcpo":
+            raise ValueError(f"log_ratio {self.log_ratio!r} applies to the baseline objectives (grpo-clip, ddpo); "
+                             "pcpo computes its log-ratio analytically (log_ratio 'analytic')")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.micro_batch < 1 or self.updates_per_rollout < 1:
@@ -70,18 +77,21 @@ class PCPOTrainer:
 
     def __init__(self, params, optimizer: torch.optim.Optimizer, config: PCPOConfig,
                  generator: Optional[torch.Generator] = None, grad_scaler=None,
-                 reduce_gradients: Optional[Callable[[list], None]] = None):
+                 reduce_gradients: Optional[Callable[[list], None]] = None,
+                 compute_dtype: Optional[torch.dtype] = None):
         """``generator`` draws the trained timesteps; a host that keeps one per run passes it in,
         otherwise one is seeded from ``config.seed``.  ``grad_scaler`` (a ``torch.amp.GradScaler``,
         for fp16 compute) scales the loss before backward and skips a step whose gradients
         overflowed.  ``reduce_gradients(params)`` (several processes: averages the accumulated
         gradients across them, e.g. :func:`comfyui_pcpo.distributed.average_gradients`) runs before
-        unscaling and clipping."""
+        unscaling and clipping.  ``compute_dtype``: the model's compute dtype (training precision),
+        the working dtype of ``log_ratio="difference"`` (default: the prediction's dtype)."""
         self.params = [p for p in params]
         self.reduce_gradients = reduce_gradients
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
         self.config = config.validate()
+        self.compute_dtype = compute_dtype
         self.generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
 
     def _clip_gradients(self) -> float:
@@ -105,7 +115,8 @@ class PCPOTrainer:
         Returns metrics: reward_mean/std, zero_std_groups, loss, clip_fraction (+ per step, None
         where no pair was trained), approx_kl, log_approx_error, grad_norm (pre-clip, last update),
         grad_norms (every update), skipped_steps (overflow under gradient scaling), grad_scale,
-        pairs, and
+        pairs, log_ratio (the form), log_ratio_gap (mean |log rho used - analytic log rho|; 0 for
+        the analytic form), and
         first_update_log_ratio (max mean |log rho| of the first update: 0 when the gradient pass
         reproduces the rollout exactly)."""
         if (predict is None) == (run_group is None):
@@ -122,10 +133,18 @@ class PCPOTrainer:
         mbs = group_micro_batches(traj.group_ids, cfg.micro_batch)
         plan = traj.plan
         w_native, w_loss, sig = plan.w_native.float(), plan.w_loss.float(), plan.sigmas.float()
+        difference = cfg.log_ratio == "difference"
+        if difference:
+            if plan.variant == "uw-lambda":
+                raise ValueError("log_ratio 'difference' needs the rollout kernel's own prediction; under the "
+                                 "uw-lambda variant it mixes in the reference model's: use log_ratio 'analytic'")
+            mean_x, mean_pred = (v.float() for v in mean_coefficients(plan))
+            step_std = plan.std.float()
+        obj_kw = {"log_ratio": cfg.log_ratio, "work_dtype": self.compute_dtype} if difference else {}
         total_pairs = B * keep
         n_updates = cfg.updates_per_rollout
         total_calls = n_updates * keep * sum(len(v) for v in mbs.values())
-        st = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "log_approx_error": 0.0,
+        st = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "log_approx_error": 0.0, "log_ratio_gap": 0.0,
               "first_lr": 0.0, "done": 0, "clip_sum": torch.zeros(S), "pair_cnt": torch.zeros(S)}
         # per micro-batch a random subset of the candidate steps in random order (same for every
         # update): all rows of one forward pass share its step
@@ -143,13 +162,17 @@ class PCPOTrainer:
                         inp = ObjectiveInputs(adv.values[mb].to(pred_new.device), pred_new,
                                               traj.pred_old[rows, cols], traj.eps_old[rows, cols],
                                               w_native[steps], w_loss[steps], steps)
-                        loss, m = objective(inp, xi=cfg.clip_range, num_steps=S)
+                        if difference:
+                            inp.x_t, inp.x_prev = traj.latents[rows, cols], traj.latents[rows, cols + 1]
+                            inp.mean_x, inp.mean_pred, inp.std = mean_x[steps], mean_pred[steps], step_std[steps]
+                        loss, m = objective(inp, xi=cfg.clip_range, num_steps=S, **obj_kw)
                         scaled = loss * (mb.numel() / total_pairs)
                         (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
                         frac = mb.numel() / total_pairs / n_updates
                         st["loss"] += float(loss.detach()) * frac
                         for k in ("clip_fraction", "approx_kl", "log_approx_error"):
                             st[k] += m[k] * frac
+                        st["log_ratio_gap"] += m.get("log_ratio_gap", 0.0) * frac
                         if u == 0:  # on-policy check: the first update replays the rollout exactly
                             st["first_lr"] = max(st["first_lr"], m["log_ratio_abs"])
                         st["clip_sum"] += torch.nan_to_num(m["clip_fraction_per_step"] * m["pairs_per_step"])
@@ -195,5 +218,6 @@ class PCPOTrainer:
             "grad_norm": grad_norm, "grad_norms": grad_norms, "skipped_steps": skipped,
             "grad_scale": self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0,
             "first_update_log_ratio": st["first_lr"],
-            "pairs": total_pairs, "objective": cfg.objective,
+            "pairs": total_pairs, "objective": cfg.objective, "log_ratio": cfg.log_ratio,
+            "log_ratio_gap": st["log_ratio_gap"],
         }

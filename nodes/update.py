@@ -149,7 +149,8 @@ class PCPOLoRAUpdate:
         apply_guard_lr(session)  # a learning rate the Reward Guard lowered
         trainer = PCPOTrainer(state.params(), state.optimizer, cfg, generator=state.generator,
                               grad_scaler=state.grad_scaler,
-                              reduce_gradients=distributed.average_gradients if distributed.active() else None)
+                              reduce_gradients=distributed.average_gradients if distributed.active() else None,
+                              compute_dtype=session.options.precision.dtype)
         model = session.model
         device = model.load_device
         traj = batch.traj
