@@ -314,6 +314,9 @@ def report_paper(data, targets, bin_size: int = 5):
     jobs = data["jobs"]
     arms = [a for a in cfg["arms"] if any(k.startswith(a + "/") for k in jobs)]
     runs = {a: {jobs[k]["seed"]: jobs[k] for k in jobs if k.startswith(a + "/")} for a in arms}
+    complete = set.intersection(*(set(r) for r in runs.values())) if runs else set()
+    partial = sorted(set().union(*(set(r) for r in runs.values())) - complete) if runs else []
+    runs = {a: {s: r for s, r in rs.items() if s in complete} for a, rs in runs.items()}
     best = data["spread_choice"]
     print()
     for r in data["spread"]:
@@ -327,6 +330,8 @@ def report_paper(data, targets, bin_size: int = 5):
           f"{ts.get('kept', '?')} of {ts.get('candidates', '?')} candidate steps trained per sample for every arm, "
           f"budget {cfg['iterations']} iterations, seeds done per arm: "
           + ", ".join(f"{a} {len(runs[a])}" for a in arms) + f"; wall {data.get('wall_s', 0) / 60:.1f} min")
+    if partial:
+        print(f"seeds {partial} are left out: not finished for every arm (every table uses the same seeds)")
     budget = cfg["iterations"]
     if "base" in jobs:
         print(f"base model held-out reward: {jobs['base']['heldout_reward']:.3f} ({cfg['heldout_prompts']} held-out "
