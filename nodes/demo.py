@@ -3,6 +3,10 @@
 The model is an SD1.5-shaped ComfyUI UNet at tiny width working in 32x32 RGB pixel space
 (v-prediction, DDPM linear schedule); the VAE is ComfyUI's identity pixel-space VAE; the CLIP is a
 small word-level text encoder that CLIPTextEncode and PCPO Prompts use like any other CLIP.
+
+The flow counterpart (``load_demo_flow``, PCPO Demo Flow Model Loader) is an SD3-shaped rectified-flow
+MMDiT (comfy.model_base.SD3, ModelType.FLOW, shift 3) at tiny width in the same pixel space, with the
+same text encoder and VAE.
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
+import comfy.supported_models
 import comfy.supported_models_base
 
+from comfyui_pcpo.demo import flow_model as demo_flow
 from comfyui_pcpo.demo import model as demo
 from comfyui_pcpo.demo.shapes import all_specs
 
@@ -109,5 +115,69 @@ class PCPODemoModelLoader:
         return load_demo()
 
 
-NODE_CLASS_MAPPINGS = {"PCPODemoModelLoader": PCPODemoModelLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"PCPODemoModelLoader": "PCPO Demo Model Loader"}
+# --------------------------------------------------------------------------- the flow counterpart
+
+class DemoFlowSD3Model(comfy.model_base.SD3):
+    """comfy.model_base.SD3 without a pooled vector: the demo text encoder has none (the MMDiT has no
+    y_embedder), so a conditioning without ``pooled_output`` is accepted instead of a KeyError."""
+
+    def encode_adm(self, **kwargs):
+        return kwargs.get("pooled_output", None)
+
+
+class DemoFlowMMDiT(comfy.supported_models.SD3):
+    """SD3's model config (rectified flow, ModelSamplingDiscreteFlow, shift 3) at the demo flow model's
+    tiny MMDiT shape, in the 3-channel pixel 'latent' space."""
+    unet_config = dict(demo_flow.FLOW_UNET_CONFIG)
+    unet_extra_config: dict = {}
+    sampling_settings = dict(demo_flow.FLOW_SAMPLING_SETTINGS)
+    latent_format = DemoPixelLatent
+    memory_usage_factor = 1.0
+    supported_inference_dtypes = [torch.float32]
+
+    def get_model(self, state_dict, prefix="", device=None):
+        return DemoFlowSD3Model(self, device=device)
+
+
+def load_demo_flow():
+    """(MODEL, CLIP, VAE) of the embedded flow model (ModelType.FLOW, shift 3), built once per process;
+    the CLIP is the diffusion demo's text encoder."""
+    if "flow" not in _CACHE:
+        if not demo_flow.flow_weights_available():
+            raise FileNotFoundError(f"the demo flow weights are missing from {demo.WEIGHTS_DIR}; reinstall the pack")
+        cfg = demo_flow.load_flow_config()
+        mc = DemoFlowMMDiT(dict(cfg.get("unet_config", demo_flow.FLOW_UNET_CONFIG)))
+        mc.set_inference_dtype(torch.float32, None)
+        with torch.inference_mode(False):
+            m = mc.get_model({}, device=comfy.model_management.unet_offload_device())
+            m.diffusion_model.load_state_dict(demo_flow.load_flow_state_dict(), strict=True)
+        patcher = comfy.model_patcher.ModelPatcher(m, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+        _CACHE["flow"] = (patcher, DemoCLIP(), vae)
+    return _CACHE["flow"]
+
+
+class PCPODemoFlowModelLoader:
+    CATEGORY = "PCPO/demo"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("Tiny 32x32 pixel-space rectified-flow model (SD3-shaped MMDiT, shift 3): PCPO trains it "
+                       "with the flow sampler (flow_noise_rule constant or flow-grpo).",
+                       "The demo's word-level text encoder (works with CLIPTextEncode and PCPO Prompts).",
+                       "Identity pixel-space VAE (VAE Decode turns samples into images).")
+    DESCRIPTION = ("The embedded demo flow model: the rectified-flow counterpart of the demo model, drawing coloured "
+                   "shapes on coloured backgrounds from prompts like 'a red circle on a blue background'. Runs on a "
+                   "CPU; use 32x32 images, 16 steps, the simple scheduler.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return load_demo_flow()
+
+
+NODE_CLASS_MAPPINGS = {"PCPODemoModelLoader": PCPODemoModelLoader, "PCPODemoFlowModelLoader": PCPODemoFlowModelLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"PCPODemoModelLoader": "PCPO Demo Model Loader",
+                              "PCPODemoFlowModelLoader": "PCPO Demo Flow Model Loader"}
