@@ -20,10 +20,12 @@ prediction and mean are in the working dtype ``work_dtype`` (the model's compute
 as in DanceGRPO; default the prediction's dtype) and the log-densities in float32 (all three cast
 the residual to float32); the difference is cast to ``dtype`` for the loss.  In exact arithmetic
 the two forms are equal (x_prev = mu_old + s eps_old, w = c / s); in finite precision the
-difference form subtracts two O(1) numbers to get a log-ratio of the order of xi, and a 16-bit mean
-rounds away most of the change c D.  This form needs the latent-unit record of the step (``x_t``, ``x_prev``, ``mean_x`` = a, ``mean_pred``
-= c, ``std`` = s in :class:`ObjectiveInputs`; see :func:`comfyui_pcpo.plan.mean_coefficients`).
-``pcpo`` is analytic only (its proportionate weight is not the kernel's).
+difference form subtracts two O(1) log-densities to get a log-ratio of the order of xi, and a
+16-bit mean mu = a x_t - c pred keeps the change c D only to its last bit (benchmarks/precision.py
+measures both).  This form needs the latent-unit record of the step (``x_t``, ``x_prev``,
+``mean_x`` = a, ``mean_pred`` = c, ``std`` = s in :class:`ObjectiveInputs`; see
+:func:`comfyui_pcpo.plan.mean_coefficients`).  ``pcpo`` is analytic only (its proportionate weight
+is not the kernel's).
 
 * ``pcpo``: log-hinge  max(0, xi |A| + A M_pcpo)  with PCPO's proportionate weight w_loss.
 * ``grpo-clip``: DanceGRPO / Flow-GRPO clipped ratio  max(-A rho, -A clip(rho, 1 - xi, 1 + xi)),
