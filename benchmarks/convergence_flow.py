@@ -208,10 +208,12 @@ def run(args):
                                                                        "candidates": len(table[r]["candidates"])}
                                                                    for r in table},
                 "jobs": {}, "wall_s": 0.0}
+    late = [a for a in args.late_arms.split(",") if a in cfg["arms"]] if args.late_arms else []
     keys = []
     for rule in cfg["rules"]:  # one rule completely (all seeds) before the next
         keys.append(f"{rule}/base")
-        keys += [f"{rule}/{arm}/{s}" for s in range(args.seeds) for arm in cfg["arms"]]
+        keys += [f"{rule}/{arm}/{s}" for s in range(args.seeds) for arm in cfg["arms"] if arm not in late]
+        keys += [f"{rule}/{arm}/{s}" for s in range(args.seeds) for arm in late]
     todo = [k for k in keys if k not in data["jobs"]]
     print(f"{len(todo)} jobs to run on {args.workers} worker process(es), {args.threads} thread each", flush=True)
     t0, wall0, stop_at = time.time(), data.get("wall_s", 0.0), stop_time(args.stop_at)
@@ -377,6 +379,8 @@ def main():
     ap.add_argument("--heldout-samples", type=int, default=2)
     ap.add_argument("--heldout-seed", type=int, default=1234)
     ap.add_argument("--stop-at", default="", help="HH:MM UTC: start no job after this time (resume later)")
+    ap.add_argument("--late-arms", default="", help="arms run only after every seed of the other arms of a rule "
+                    "(e.g. ddpo: on a short budget the PCPO - grpo-clip pairs get the seeds first)")
     ap.add_argument("--workers", type=int, default=1, help="worker processes (1: in this process)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="")
