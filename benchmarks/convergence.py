@@ -52,7 +52,7 @@ ARMS = {  # arm -> (objective, rollout variant)
 PCPO_ARMS = ("pcpo-uw-sigma", "pcpo-uw-lambda")
 BASELINES = ("grpo-clip", "ddpo")
 CONFIG_KEYS = ("steps", "eta", "cfg", "scheduler", "lr", "prompts_per_iteration", "group_size", "iterations",
-               "train_fraction", "updates", "heldout_prompts", "heldout_samples", "heldout_seed", "arms", "seeds")
+               "train_fraction", "updates", "heldout_prompts", "heldout_samples", "heldout_seed", "arms")  # --seeds may grow on resume
 
 
 # ----------------------------------------------------------------------------- statistics (no ComfyUI)
@@ -267,6 +267,7 @@ def run_paper(args):
             raise SystemExit(f"{args.json} holds a run with another configuration:\n  {old}\nvs\n  {new}\n"
                              "(use another --json, or the same arguments to resume)")
         print(f"resuming {args.json}: {len(data['jobs'])} jobs done")
+        data["config"]["seeds"] = max(args.seeds, data["config"].get("seeds", 0))
     else:
         data = {"config": cfg, "spread": rows, "spread_choice": best, "trained_steps": {"kept": k, "candidates": n},
                 "jobs": {}, "wall_s": 0.0}
