@@ -265,12 +265,15 @@ def report(data, targets="auto", bin_size: int = 3):
         ts = data["trained_steps"][rule]
         arms = [a for a in cfg["arms"] if any(k.startswith(f"{rule}/{a}/") for k in jobs)]
         runs = {a: {jobs[k]["seed"]: jobs[k] for k in jobs if k.startswith(f"{rule}/{a}/")} for a in arms}
-        common = set.intersection(*(set(r) for r in runs.values())) if runs else set()
-        runs = {a: {s: r for s, r in runs[a].items() if s in common} for a in arms}  # seeds every arm finished
+        # each arm on the seeds it shares with its comparison partner (pcpo with grpo-clip, a baseline with
+        # pcpo), so an arm run later (--late-arms) or a run stopped early leaves no unpaired seed in the tables
+        partner = {a: ("grpo-clip" if a == "pcpo" else "pcpo") for a in arms}
+        runs = {a: {s: r for s, r in runs[a].items() if partner[a] not in runs or s in runs[partner[a]]}
+                for a in arms}
         print(f"\n=== rule {rule} (level {w['level']:g}): native weights {min(w['native']):.3f}-{max(w['native']):.3f} "
               f"(max/min {max(w['native']) / min(w['native']):.1f}), PCPO zeta*dt {min(w['pcpo']):.3f}-"
               f"{max(w['pcpo']):.3f} (max/min {max(w['pcpo']) / min(w['pcpo']):.1f}), zeta {w['zeta']:.3f}; "
-              f"{ts['kept']} of {ts['candidates']} candidate steps trained per sample; seeds finished by every arm: "
+              f"{ts['kept']} of {ts['candidates']} candidate steps trained per sample; paired seeds per arm: "
               + (", ".join(f"{a} {len(runs[a])}" for a in arms) or "none (not run)"))
         if f"{rule}/base" in jobs:
             print(f"base model held-out reward: {jobs[f'{rule}/base']['heldout_reward']:.3f} ({cfg['heldout_prompts']} "
@@ -293,8 +296,8 @@ def report(data, targets="auto", bin_size: int = 3):
         names = [f"iterations to {t:.2f}" for t in tg] + ["final reward", "held-out reward"]
         print(f"per arm: mean [95% bootstrap CI over seeds]; iterations: running mean (3) of the batch reward reaches "
               f"the target, {budget + 1} = not reached, also median [range]")
-        print("| arm | " + " | ".join(names) + " |")
-        print("|---|" + "---|" * len(names))
+        print("| arm | seeds | " + " | ".join(names) + " |")
+        print("|---|---|" + "---|" * len(names))
         for a in arms:
             cells = []
             for nm in names:
@@ -305,7 +308,7 @@ def report(data, targets="auto", bin_size: int = 3):
                                  f"[{min(vals)}-{max(vals)}]")
                 else:
                     cells.append(fmt_ci(m, lo, hi))
-            print(f"| {a} | " + " | ".join(cells) + " |")
+            print(f"| {a} | {len(runs[a])} | " + " | ".join(cells) + " |")
         print("difference PCPO - baseline, paired by seed: mean [95% bootstrap CI]; verdict "
               "(iterations: negative = PCPO faster; rewards: positive = PCPO higher)")
         print("| comparison | metric | difference | seeds | verdict |")
@@ -344,7 +347,7 @@ def report(data, targets="auto", bin_size: int = 3):
             for i, nm in enumerate(("mean over steps", "std across steps")):
                 m, lo, hi, n = paired_difference(flat["pcpo"][i], flat["grpo-clip"][i])
                 print(f"clip fraction, pcpo - grpo-clip, {nm}: {fmt_ci(m, lo, hi)} ({n} seeds): {verdict_n(lo, hi, n)}")
-        print("batch reward per iteration (mean over seeds):")
+        print("batch reward per iteration (mean over each arm's seeds above):")
         for a in arms:
             rs = [r["rewards"] for r in runs[a].values()]
             print(f"  {a:10s} " + " ".join(f"{statistics.fmean(c):.3f}" for c in zip(*rs)))
