@@ -360,6 +360,13 @@ def report_paper(data, targets, bin_size: int = 5):
             else:
                 cells.append(fmt_ci(m, lo, hi))
         print(f"| {a} | " + " | ".join(cells) + " |")
+    if "base" in jobs:
+        base = jobs["base"]["heldout_reward"]
+        print("held-out reward minus the base model's (same captions and noise) and KL to the base model per "
+              "latent element (summed over steps): " + "; ".join(
+                  f"{a} {fmt_ci(*bootstrap_ci([v - base for v in metrics[('held-out reward', a)].values()]))}, KL "
+                  f"{statistics.fmean(r.get('heldout_kl', float('nan')) for r in runs[a].values()):.2e}"
+                  for a in arms))
     print("\ndifference PCPO - baseline, paired by seed: mean [95% bootstrap CI]; verdict "
           "(iterations: negative = PCPO faster; rewards: positive = PCPO higher)")
     print("| comparison | metric | difference | seeds | verdict |")
@@ -373,7 +380,7 @@ def report_paper(data, targets, bin_size: int = 5):
                 extra = ""
                 if nm.startswith("iterations"):
                     mb = statistics.fmean(metrics[(nm, b)].values())
-                    extra = f" ({100 * -m / mb:+.0f}% fewer)" if mb else ""
+                    extra = (f" ({100 * abs(m) / mb:.0f}% {'fewer' if m <= 0 else 'more'})") if mb else ""
                 print(f"| {p} - {b} | {nm} | {fmt_ci(m, lo, hi, 1 if nm.startswith('iter') else 3)}{extra} | {n} | "
                       f"{verdict(lo, hi)} |")
     # clip fraction per timestep
