@@ -15,8 +15,11 @@ the training-batch reward and the clip fraction per timestep of every iteration,
 held-out reward (a fixed subset of the non-training captions, fixed noise, the same for every
 arm; the base model's once), and the wall time.
 
-    python benchmarks/convergence.py --regime paper --seeds 6 --iterations 12 --json benchmarks/convergence50.json
-    python benchmarks/convergence.py --report benchmarks/convergence50.json --targets 0.74,0.76,0.78
+    python benchmarks/convergence.py --regime paper --seeds 8 --iterations 10 --prompts-per-iteration 1 \
+        --group-size 8 --train-fraction 0.2 --heldout-prompts 6 --heldout-samples 2 --workers 2 \
+        --stop-at 05:18 --json benchmarks/convergence50.json
+    # the same with --seeds 14 --stop-at 05:05 adds seeds to the finished run (jobs done are skipped)
+    python benchmarks/convergence.py --report benchmarks/convergence50.json --targets 0.6,0.65,0.7
 
 The report: iterations until the running mean (window 3) of the training-batch reward reaches each
 target (budget + 1 if never; median [range] and mean), the final reward (mean of the last 3
