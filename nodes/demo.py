@@ -82,16 +82,21 @@ def load_demo():
     if "objs" not in _CACHE:
         if not demo.weights_available():
             raise FileNotFoundError(f"the demo weights are missing from {demo.WEIGHTS_DIR}; reinstall the pack")
-        mc = DemoPixelUNet(dict(DemoPixelUNet.unet_config))
-        mc.set_inference_dtype(torch.float32, None)
-        with torch.inference_mode(False):
-            m = mc.get_model({}, device=comfy.model_management.unet_offload_device())
-            m.diffusion_model.load_state_dict(demo.load_unet_state_dict(), strict=True)
-        patcher = comfy.model_patcher.ModelPatcher(m, load_device=comfy.model_management.get_torch_device(),
-                                                   offload_device=comfy.model_management.unet_offload_device())
-        vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
-        _CACHE["objs"] = (patcher, DemoCLIP(), vae)
+        _CACHE["objs"] = _pixel_space_model(DemoPixelUNet(dict(DemoPixelUNet.unet_config)),
+                                            demo.load_unet_state_dict())
     return _CACHE["objs"]
+
+
+def _pixel_space_model(model_config, state_dict: dict):
+    """(MODEL, CLIP, VAE): ``model_config``'s model in fp32 with ``state_dict`` loaded, the demo's text
+    encoder and the identity pixel-space VAE."""
+    model_config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode(False):
+        m = model_config.get_model({}, device=comfy.model_management.unet_offload_device())
+        m.diffusion_model.load_state_dict(state_dict, strict=True)
+    patcher = comfy.model_patcher.ModelPatcher(m, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    return patcher, DemoCLIP(), comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
 
 
 DEMO_PROMPTS = "\n".join(s.text for s in all_specs())  # the 90 captions the model knows
@@ -146,15 +151,8 @@ def load_demo_flow():
         if not demo_flow.flow_weights_available():
             raise FileNotFoundError(f"the demo flow weights are missing from {demo.WEIGHTS_DIR}; reinstall the pack")
         cfg = demo_flow.load_flow_config()
-        mc = DemoFlowMMDiT(dict(cfg.get("unet_config", demo_flow.FLOW_UNET_CONFIG)))
-        mc.set_inference_dtype(torch.float32, None)
-        with torch.inference_mode(False):
-            m = mc.get_model({}, device=comfy.model_management.unet_offload_device())
-            m.diffusion_model.load_state_dict(demo_flow.load_flow_state_dict(), strict=True)
-        patcher = comfy.model_patcher.ModelPatcher(m, load_device=comfy.model_management.get_torch_device(),
-                                                   offload_device=comfy.model_management.unet_offload_device())
-        vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
-        _CACHE["flow"] = (patcher, DemoCLIP(), vae)
+        _CACHE["flow"] = _pixel_space_model(DemoFlowMMDiT(dict(cfg.get("unet_config", demo_flow.FLOW_UNET_CONFIG))),
+                                            demo_flow.load_flow_state_dict())
     return _CACHE["flow"]
 
 
