@@ -313,6 +313,60 @@ def fmt_ci(m, lo, hi, digits=3):
     return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def arm_metrics(runs: dict, arms, targets) -> tuple[dict, list]:
+    """({(metric, arm): {seed: value}}, metric names): iterations to each target, final reward (mean of
+    the last 3 iterations) and held-out reward per (arm, seed)."""
+    metrics = {}
+    for a in arms:
+        for s, r in runs[a].items():
+            for t in targets:
+                metrics.setdefault((f"iterations to {t:.2f}", a), {})[s] = iterations_to(r["rewards"], t)
+            metrics.setdefault(("final reward", a), {})[s] = statistics.fmean(r["rewards"][-3:])
+            metrics.setdefault(("held-out reward", a), {})[s] = r["heldout_reward"]
+    return metrics, [f"iterations to {t:.2f}" for t in targets] + ["final reward", "held-out reward"]
+
+
+def print_arm_table(runs: dict, arms, metrics: dict, names, budget: int, seeds_column: bool = False, lead: str = ""):
+    """Per arm: mean [95% bootstrap CI over seeds] of each metric (iterations also median [range])."""
+    print(f"{lead}per arm: mean [95% bootstrap CI over seeds]; iterations: running mean (3) of the batch reward "
+          f"reaches the target, {budget + 1} = not reached, also median [range]")
+    print("| arm | " + ("seeds | " if seeds_column else "") + " | ".join(names) + " |")
+    print("|---|" + ("---|" if seeds_column else "") + "---|" * len(names))
+    for a in arms:
+        cells = []
+        for nm in names:
+            vals = list(metrics[(nm, a)].values())
+            m, lo, hi = bootstrap_ci(vals)
+            if nm.startswith("iterations"):
+                cells.append(f"{fmt_ci(m, lo, hi, 1)}; median {statistics.median(vals):.1f} [{min(vals)}-{max(vals)}]")
+            else:
+                cells.append(fmt_ci(m, lo, hi))
+        print(f"| {a} | " + (f"{len(runs[a])} | " if seeds_column else "") + " | ".join(cells) + " |")
+
+
+def print_clip_table(runs: dict, arms, no_clip: set, n_steps: int, bin_size: int) -> dict:
+    """The clip fraction per timestep in bins, with its mean and std across steps, per arm (arms in
+    ``no_clip`` have none).  Returns {arm: ({seed: mean over steps}, {seed: std across steps})}."""
+    nb = math.ceil(n_steps / bin_size)
+    print("| arm | " + " | ".join(f"{i * bin_size + 1}-{min((i + 1) * bin_size, n_steps)}" for i in range(nb))
+          + " | mean over steps | std across steps |")
+    print("|---|" + "---|" * (nb + 2))
+    flat = {}
+    for a in arms:
+        if a in no_clip:
+            print(f"| {a} | " + " | ".join([""] * nb) + " | 0 (no clipping) | |")
+            continue
+        per_seed = {s: per_step_mean([it["clip_fraction_per_step"] for it in r["iterations"]])
+                    for s, r in runs[a].items()}
+        row = per_step_mean(list(per_seed.values()))
+        f = finite(row)
+        print(f"| {a} | " + " | ".join(f"{v:.3f}" if v == v else "" for v in binned(row, bin_size)) +
+              f" | {statistics.fmean(f):.3f} | {statistics.pstdev(f):.3f} |")
+        flat[a] = ({s: statistics.fmean(finite(v)) for s, v in per_seed.items()},
+                   {s: statistics.pstdev(finite(v)) for s, v in per_seed.items()})
+    return flat
+
+
 def report_paper(data, targets, bin_size: int = 5):
     cfg = data["config"]
     jobs = data["jobs"]
@@ -340,29 +394,8 @@ def report_paper(data, targets, bin_size: int = 5):
     if "base" in jobs:
         print(f"base model held-out reward: {jobs['base']['heldout_reward']:.3f} ({cfg['heldout_prompts']} held-out "
               f"captions x {cfg['heldout_samples']} samples, fixed noise, seed {cfg['heldout_seed']})")
-    metrics = {}  # (metric, arm) -> {seed: value}
-    for a in arms:
-        for s, r in runs[a].items():
-            for t in targets:
-                metrics.setdefault((f"iterations to {t:.2f}", a), {})[s] = iterations_to(r["rewards"], t)
-            metrics.setdefault(("final reward", a), {})[s] = statistics.fmean(r["rewards"][-3:])
-            metrics.setdefault(("held-out reward", a), {})[s] = r["heldout_reward"]
-    names = [f"iterations to {t:.2f}" for t in targets] + ["final reward", "held-out reward"]
-    print(f"\nper arm: mean [95% bootstrap CI over seeds]; iterations: running mean (3) of the batch reward reaches "
-          f"the target, {budget + 1} = not reached, also median [range]")
-    print("| arm | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
-    for a in arms:
-        cells = []
-        for nm in names:
-            v = metrics[(nm, a)]
-            m, lo, hi = bootstrap_ci(list(v.values()))
-            if nm.startswith("iterations"):
-                vals = list(v.values())
-                cells.append(f"{fmt_ci(m, lo, hi, 1)}; median {statistics.median(vals):.1f} [{min(vals)}-{max(vals)}]")
-            else:
-                cells.append(fmt_ci(m, lo, hi))
-        print(f"| {a} | " + " | ".join(cells) + " |")
+    metrics, names = arm_metrics(runs, arms, targets)
+    print_arm_table(runs, arms, metrics, names, budget, lead="\n")
     if "base" in jobs:
         base = jobs["base"]["heldout_reward"]
         print("held-out reward minus the base model's (same captions and noise) and KL to the base model per "
@@ -387,30 +420,10 @@ def report_paper(data, targets, bin_size: int = 5):
                 print(f"| {p} - {b} | {nm} | {fmt_ci(m, lo, hi, 1 if nm.startswith('iter') else 3)}{extra} | {n} | "
                       f"{verdict(lo, hi)} |")
     # clip fraction per timestep
-    n_steps = cfg["steps"]
-    per_arm = {}
-    for a in arms:
-        per_seed = {s: per_step_mean([it["clip_fraction_per_step"] for it in r["iterations"]])
-                    for s, r in runs[a].items()}
-        per_arm[a] = (per_seed, per_step_mean(list(per_seed.values())))
-    nb = math.ceil(n_steps / bin_size)
     print(f"\nclip fraction per timestep (share of trained pairs whose hinge is off; mean over iterations and seeds; "
           f"bins of {bin_size} steps, step 1 = highest noise, the last step is never trained); mean and std across "
           "the trained steps")
-    print("| arm | " + " | ".join(f"{i * bin_size + 1}-{min((i + 1) * bin_size, n_steps)}" for i in range(nb))
-          + " | mean over steps | std across steps |")
-    print("|---|" + "---|" * (nb + 2))
-    flat = {}
-    for a in arms:
-        if ARMS[a][0] == "ddpo":
-            print(f"| {a} | " + " | ".join([""] * nb) + " | 0 (no clipping) | |")
-            continue
-        row = per_arm[a][1]
-        f = finite(row)
-        print(f"| {a} | " + " | ".join(f"{v:.3f}" for v in binned(row, bin_size)) +
-              f" | {statistics.fmean(f):.3f} | {statistics.pstdev(f):.3f} |")
-        flat[a] = ({s: statistics.fmean(finite(v)) for s, v in per_arm[a][0].items()},
-                   {s: statistics.pstdev(finite(v)) for s, v in per_arm[a][0].items()})
+    flat = print_clip_table(runs, arms, {a for a in arms if ARMS[a][0] == "ddpo"}, cfg["steps"], bin_size)
     if "grpo-clip" in flat:
         print("\nclip fraction, PCPO - grpo-clip paired by seed (per seed: mean and std across steps of the per-step "
               "clip fraction):")

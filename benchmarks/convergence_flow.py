@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import statistics
@@ -40,8 +39,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from convergence import (bootstrap_ci, finite, fmt_ci, iterations_to, paired_difference,  # noqa: E402
-                         per_step_mean, save_atomic, verdict)
+from convergence import (arm_metrics, fmt_ci, paired_difference, print_arm_table,  # noqa: E402
+                         print_clip_table, save_atomic, verdict)
 
 ARMS = {"pcpo": "pcpo", "grpo-clip": "grpo-clip", "ddpo": "ddpo"}  # arm -> objective (native rollout for all)
 BASELINES = ("grpo-clip", "ddpo")
@@ -286,29 +285,8 @@ def report(data, targets="auto", bin_size: int = 3):
             print(f"targets: mean first-iteration batch reward {first:.3f} + 0.1, 0.2, 0.3 (below 0.97)")
         else:
             tg = [float(t) for t in str(targets).split(",")]
-        metrics = {}
-        for a in arms:
-            for s, r in runs[a].items():
-                for t in tg:
-                    metrics.setdefault((f"iterations to {t:.2f}", a), {})[s] = iterations_to(r["rewards"], t)
-                metrics.setdefault(("final reward", a), {})[s] = statistics.fmean(r["rewards"][-3:])
-                metrics.setdefault(("held-out reward", a), {})[s] = r["heldout_reward"]
-        names = [f"iterations to {t:.2f}" for t in tg] + ["final reward", "held-out reward"]
-        print(f"per arm: mean [95% bootstrap CI over seeds]; iterations: running mean (3) of the batch reward reaches "
-              f"the target, {budget + 1} = not reached, also median [range]")
-        print("| arm | seeds | " + " | ".join(names) + " |")
-        print("|---|---|" + "---|" * len(names))
-        for a in arms:
-            cells = []
-            for nm in names:
-                vals = list(metrics[(nm, a)].values())
-                m, lo, hi = bootstrap_ci(vals)
-                if nm.startswith("iterations"):
-                    cells.append(f"{fmt_ci(m, lo, hi, 1)}; median {statistics.median(vals):.1f} "
-                                 f"[{min(vals)}-{max(vals)}]")
-                else:
-                    cells.append(fmt_ci(m, lo, hi))
-            print(f"| {a} | {len(runs[a])} | " + " | ".join(cells) + " |")
+        metrics, names = arm_metrics(runs, arms, tg)
+        print_arm_table(runs, arms, metrics, names, budget, seeds_column=True)
         print("difference PCPO - baseline, paired by seed: mean [95% bootstrap CI]; verdict "
               "(iterations: negative = PCPO faster; rewards: positive = PCPO higher)")
         print("| comparison | metric | difference | seeds | verdict |")
@@ -320,29 +298,9 @@ def report(data, targets="auto", bin_size: int = 3):
                 m, lo, hi, n = paired_difference(metrics[(nm, "pcpo")], metrics[(nm, b)])
                 print(f"| pcpo - {b} | {nm} | {fmt_ci(m, lo, hi, 1 if nm.startswith('iter') else 3)} | {n} | "
                       f"{verdict_n(lo, hi, n)} |")
-        n_steps = cfg["steps"]
-        nb = math.ceil(n_steps / bin_size)
         print(f"clip fraction per timestep (share of trained pairs whose hinge is off; mean over iterations and seeds; "
               f"bins of {bin_size} steps, step 1 = highest noise; the last step is never trained)")
-        print("| arm | " + " | ".join(f"{i * bin_size + 1}-{min((i + 1) * bin_size, n_steps)}" for i in range(nb))
-              + " | mean over steps | std across steps |")
-        print("|---|" + "---|" * (nb + 2))
-        flat = {}
-        for a in arms:
-            if ARMS[a] == "ddpo":
-                print(f"| {a} | " + " | ".join([""] * nb) + " | 0 (no clipping) | |")
-                continue
-            per_seed = {s: per_step_mean([it["clip_fraction_per_step"] for it in r["iterations"]])
-                        for s, r in runs[a].items()}
-            row = per_step_mean(list(per_seed.values()))
-            bins = []
-            for i in range(0, n_steps, bin_size):
-                v = finite(row[i:i + bin_size])
-                bins.append(f"{statistics.fmean(v):.3f}" if v else "")
-            f = finite(row)
-            print(f"| {a} | " + " | ".join(bins) + f" | {statistics.fmean(f):.3f} | {statistics.pstdev(f):.3f} |")
-            flat[a] = ({s: statistics.fmean(finite(v)) for s, v in per_seed.items()},
-                       {s: statistics.pstdev(finite(v)) for s, v in per_seed.items()})
+        flat = print_clip_table(runs, arms, {a for a in arms if ARMS[a] == "ddpo"}, cfg["steps"], bin_size)
         if "pcpo" in flat and "grpo-clip" in flat:
             for i, nm in enumerate(("mean over steps", "std across steps")):
                 m, lo, hi, n = paired_difference(flat["pcpo"][i], flat["grpo-clip"][i])
