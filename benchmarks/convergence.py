@@ -231,6 +231,33 @@ def run_job(job):
                  "heldout_reward": reward, "heldout_kl": kl, "wall_s": time.time() - t0}
 
 
+def stop_time(hhmm: str) -> float:
+    """The epoch time of the next HH:MM (UTC) for ``--stop-at``; 0 (no stop) for an empty string."""
+    if not hhmm:
+        return 0.0
+    hh, mm = (int(x) for x in hhmm.split(":"))
+    now = time.gmtime()
+    t = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
+    return t + 24 * 3600 if t < time.time() - 12 * 3600 else t
+
+
+def record_job(data: dict, key: str, res, json_path: str, wall0: float, t0: float, total: int, width: int = 18):
+    """Store a finished job in ``data`` (and atomically in ``json_path``) and print its line; ``res``
+    None = the job was not started (past --stop-at)."""
+    if res is None:
+        print(f"{key:{width}s} not started: past --stop-at", flush=True)
+        return
+    data["jobs"][key] = res
+    data["wall_s"] = wall0 + time.time() - t0
+    if json_path:
+        save_atomic(json_path, data)
+    extra = ""
+    if "rewards" in res:
+        extra = f" reward {res['rewards'][0]:.3f} -> last3 {statistics.fmean(res['rewards'][-3:]):.3f},"
+    print(f"{key:{width}s} done:{extra} held-out {res['heldout_reward']:.3f} ({res['wall_s']:.0f} s; "
+          f"{len(data['jobs'])}/{total} jobs, {time.time() - t0:.0f} s)", flush=True)
+
+
 def save_atomic(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -278,32 +305,13 @@ def run_paper(args):
     keys = ["base"] + [f"{arm}/{s}" for s in range(args.seeds) for arm in cfg["arms"]]
     todo = [key for key in keys if key not in data["jobs"]]
     print(f"{len(todo)} jobs to run on {args.workers} worker processes ({args.threads} thread each)", flush=True)
-    t0 = time.time()
-    wall0 = data.get("wall_s", 0.0)
-    stop_at = 0.0
-    if args.stop_at:
-        hh, mm = (int(x) for x in args.stop_at.split(":"))
-        now = time.gmtime()
-        stop_at = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
-        if stop_at < time.time() - 12 * 3600:
-            stop_at += 24 * 3600
+    t0, wall0, stop_at = time.time(), data.get("wall_s", 0.0), stop_time(args.stop_at)
     if todo:
         ctx = mp.get_context("spawn")
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         with ctx.Pool(args.workers, initializer=_worker_init, initargs=(args.threads,)) as pool:
             for key, res in pool.imap_unordered(run_job, [(key, cfg, stop_at) for key in todo]):
-                if res is None:
-                    print(f"{key:18s} not started: past --stop-at", flush=True)
-                    continue
-                data["jobs"][key] = res
-                data["wall_s"] = wall0 + time.time() - t0
-                if args.json:
-                    save_atomic(args.json, data)
-                extra = ""
-                if "rewards" in res:
-                    extra = f" reward {res['rewards'][0]:.3f} -> last3 {statistics.fmean(res['rewards'][-3:]):.3f},"
-                print(f"{key:18s} done:{extra} held-out {res['heldout_reward']:.3f} ({res['wall_s']:.0f} s; "
-                      f"{len(data['jobs'])}/{len(keys)} jobs, {time.time() - t0:.0f} s)", flush=True)
+                record_job(data, key, res, args.json, wall0, t0, len(keys), width=18)
     report_paper(data, args.targets)
 
 

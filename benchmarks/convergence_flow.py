@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from convergence import (arm_metrics, fmt_ci, paired_difference, print_arm_table,  # noqa: E402
-                         print_clip_table, save_atomic, verdict)
+                         print_clip_table, record_job, stop_time, verdict)
 
 ARMS = {"pcpo": "pcpo", "grpo-clip": "grpo-clip", "ddpo": "ddpo"}  # arm -> objective (native rollout for all)
 BASELINES = ("grpo-clip", "ddpo")
@@ -165,15 +165,6 @@ def run_job(job):
                  "heldout_reward": reward, "heldout_kl": kl, "wall_s": time.time() - t0}
 
 
-def stop_time(hhmm: str) -> float:
-    if not hhmm:
-        return 0.0
-    hh, mm = (int(x) for x in hhmm.split(":"))
-    now = time.gmtime()
-    t = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
-    return t + 24 * 3600 if t < time.time() - 12 * 3600 else t
-
-
 def run(args):
     global _HOST
     cfg = {"steps": args.steps, "scheduler": args.scheduler, "cfg": args.cfg, "lr": args.lr,
@@ -218,18 +209,7 @@ def run(args):
     t0, wall0, stop_at = time.time(), data.get("wall_s", 0.0), stop_time(args.stop_at)
 
     def done(key, res):
-        if res is None:
-            print(f"{key:22s} not started: past --stop-at", flush=True)
-            return
-        data["jobs"][key] = res
-        data["wall_s"] = wall0 + time.time() - t0
-        if args.json:
-            save_atomic(args.json, data)
-        extra = ""
-        if "rewards" in res:
-            extra = f" reward {res['rewards'][0]:.3f} -> last3 {statistics.fmean(res['rewards'][-3:]):.3f},"
-        print(f"{key:22s} done:{extra} held-out {res['heldout_reward']:.3f} ({res['wall_s']:.0f} s; "
-              f"{len(data['jobs'])}/{len(keys)} jobs, {time.time() - t0:.0f} s)", flush=True)
+        record_job(data, key, res, args.json, wall0, t0, len(keys), width=22)
 
     if todo and args.workers <= 1:
         _HOST = host
