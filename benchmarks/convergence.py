@@ -258,6 +258,17 @@ def record_job(data: dict, key: str, res, json_path: str, wall0: float, t0: floa
           f"{len(data['jobs'])}/{total} jobs, {time.time() - t0:.0f} s)", flush=True)
 
 
+def resume(data: dict, cfg: dict, keys, json_path: str, seeds: int) -> None:
+    """Continue the run saved in ``data``: stop with a clear message if its configuration differs from
+    ``cfg`` in any of ``keys``; a larger ``seeds`` extends it (the seed count is not part of the match)."""
+    old, new = ({x: c.get(x) for x in keys} for c in (data["config"], cfg))
+    if old != new:
+        raise SystemExit(f"{json_path} holds a run with another configuration:\n  {old}\nvs\n  {new}\n"
+                         "(use another --json, or the same arguments to resume)")
+    print(f"resuming {json_path}: {len(data['jobs'])} jobs done")
+    data["config"]["seeds"] = max(seeds, data["config"].get("seeds", 0))
+
+
 def save_atomic(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -291,13 +302,7 @@ def run_paper(args):
     print(f"every arm trains {k} of its {n} candidate steps per sample (train_fraction {args.train_fraction}, "
           "the last, deterministic step excluded), a fresh random subset per micro-batch")
     if data:
-        old = {x: data["config"].get(x) for x in CONFIG_KEYS}
-        new = {x: cfg.get(x) for x in CONFIG_KEYS}
-        if old != new:
-            raise SystemExit(f"{args.json} holds a run with another configuration:\n  {old}\nvs\n  {new}\n"
-                             "(use another --json, or the same arguments to resume)")
-        print(f"resuming {args.json}: {len(data['jobs'])} jobs done")
-        data["config"]["seeds"] = max(args.seeds, data["config"].get("seeds", 0))
+        resume(data, cfg, CONFIG_KEYS, args.json, args.seeds)
     else:
         data = {"config": cfg, "spread": rows, "spread_choice": best, "trained_steps": {"kept": k, "candidates": n},
                 "jobs": {}, "wall_s": 0.0}

@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from convergence import (arm_metrics, fmt_ci, paired_difference, print_arm_table,  # noqa: E402
-                         print_clip_table, record_job, stop_time, verdict)
+                         print_clip_table, record_job, resume, stop_time, verdict)
 
 ARMS = {"pcpo": "pcpo", "grpo-clip": "grpo-clip", "ddpo": "ddpo"}  # arm -> objective (native rollout for all)
 BASELINES = ("grpo-clip", "ddpo")
@@ -186,13 +186,7 @@ def run(args):
               f"(train_fraction {args.train_fraction}; the last step excluded), a fresh random subset per micro-batch "
               "(the same native rollout for every arm)")
     if data:
-        old = {x: data["config"].get(x) for x in CONFIG_KEYS}
-        new = {x: cfg.get(x) for x in CONFIG_KEYS}
-        if old != new:
-            raise SystemExit(f"{args.json} holds a run with another configuration:\n  {old}\nvs\n  {new}\n"
-                             "(use another --json, or the same arguments to resume)")
-        data["config"]["seeds"] = max(args.seeds, data["config"].get("seeds", 0))
-        print(f"resuming {args.json}: {len(data['jobs'])} jobs done")
+        resume(data, cfg, CONFIG_KEYS, args.json, args.seeds)
     else:
         data = {"config": cfg, "weights": table, "trained_steps": {r: {"kept": kept[r],
                                                                        "candidates": len(table[r]["candidates"])}
