@@ -259,6 +259,15 @@ def checkpoint_blocks(diffusion_model) -> list[str]:
     return names
 
 
+def _snapshot(value):
+    """A copy of the dicts among a block's arguments (``transformer_options``), one level deep: the
+    host writes the current block's id into that shared dict (``block``, ``block_index``) before each
+    block, so by the time backward recomputes a block the dict names a later one."""
+    if isinstance(value, dict):
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in value.items()}
+    return value
+
+
 def _checkpointed_forward(block):
     forward = type(block).forward.__get__(block)
 
@@ -268,7 +277,17 @@ def _checkpointed_forward(block):
 
     def checkpointed_forward(*args, **kwargs):
         if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+            seen = ([_snapshot(a) for a in args], {k: _snapshot(v) for k, v in kwargs.items()})
+            calls = []
+
+            def replay(*a, **kw):
+                # the forward runs on the caller's arguments (its writes into them stay visible to
+                # later blocks); the recomputation on a copy of them as the forward saw them
+                if calls:
+                    a, kw = [_snapshot(x) for x in seen[0]], {k: _snapshot(v) for k, v in seen[1].items()}
+                calls.append(1)
+                return run(*a, **kw)
+            return torch.utils.checkpoint.checkpoint(replay, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
     return checkpointed_forward
 

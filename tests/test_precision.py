@@ -236,3 +236,27 @@ def test_partial_load_is_refused_and_adapters_never_move(pcpo, tiny, comfy_dirs)
     assert "gradient_checkpointing" in str(e.value) and "--lowvram" in str(e.value)
     a = next(iter(adapters.values()))
     assert a.move_to(device="cpu") == 0 and a.memory_bytes() == 4 * (a.up.numel() + a.down.numel())
+
+
+def block_keyed_attn1_patch(n, context, value, extra_options):
+    """An attention patch keyed by the block it runs in (as IP-Adapter's per-block patches are):
+    the scale of the self-attention input differs per (block, index)."""
+    kind, index = extra_options["block"]
+    scale = 1.0 + 0.25 * index + (0.5 if kind == "output" else 0.0) + 0.1 * extra_options.get("block_index", 0)
+    return n * scale, context, value
+
+
+def test_checkpointing_with_a_block_keyed_attention_patch(pcpo, tiny, comfy_dirs):
+    """The recomputation in backward reads the transformer options the forward read, not what later
+    blocks set in them: with a patch keyed by the block, the checkpointed gradient equals the plain one."""
+    grads = {}
+    for ck in ("off", "on"):
+        tm = build(tiny, "sd15")
+        tm.model.set_model_attn1_patch(block_keyed_attn1_patch)
+        sess = session(pcpo, tm, f"ckpt_patch_{ck}", "fp32", ck)
+        assert sess.options.checkpointing == (ck == "on")
+        grads[ck], st = one_update(pcpo, tm, sess, 32)
+        assert st["first_update_log_ratio"] == 0.0
+    assert grads["on"].abs().max() > 0
+    assert cosine(grads["on"], grads["off"]) > 0.999999
+    assert torch.allclose(grads["on"], grads["off"], rtol=1e-4, atol=1e-9)
