@@ -132,9 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default="sd15,sdxl")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", action="store_true", help="only print the table of the saved results")
-    ap.add_argument("--json", default=str(RESULTS), help="results file (kept and resumed; default %(default)s)")
+    ap.add_argument("--json", default="", help="results file, kept and resumed (default benchmarks/memory.json)")
     ap.add_argument("--smoke", action="store_true", help="both passes, both checkpointing settings and both "
-                    "families once, on the tiny models at 64 px, one thread, in seconds; needs --json outside benchmarks/")
+                    "families once, on the tiny models at 64 px, one thread, in seconds; needs --json outside "
+                    "benchmarks/")
     ap.add_argument("--one", nargs=3, metavar=("FAMILY", "MODE", "CHECKPOINTING"), help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -142,8 +143,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(one(*a.one, threads=a.threads, tiny=a.tiny)), flush=True)
         return 0
     if a.smoke:
-        a.json, a.threads = _smoke.json_path(a.json if a.json != str(RESULTS) else ""), 1
-    path = pathlib.Path(a.json)
+        a.json, a.threads = _smoke.json_path(a.json), 1
+    path = pathlib.Path(a.json or RESULTS)
     results = json.loads(path.read_text()) if path.exists() else []
     failed = 0
     if not a.table:

@@ -177,8 +177,8 @@ def main(argv=None) -> int:
     one, two = results
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     total, group_size = (SMOKE["groups"], SMOKE["group_size"]) if a.smoke else (4, 8)
-    print(f"demo model, {total} groups x {group_size} samples per iteration, {a.iterations - 1} timed iterations, one thread per "
-          f"process, gloo; {os.cpu_count()} CPUs, load average {load:.1f} at the end")
+    print(f"demo model, {total} groups x {group_size} samples per iteration, {a.iterations - 1} timed iterations, "
+          f"one thread per process, gloo; {os.cpu_count()} CPUs, load average {load:.1f} at the end")
     print("| processes | groups per process | wall s / iteration | samples / s | speed-up | time in collectives "
           "| CPU s / iteration (per process) | samples / CPU-s of the busiest process | speed-up (CPU) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -110,6 +110,7 @@ def test_convergence_flow_smoke_both_rules_every_arm(tmp_path):
 
 @pytest.mark.parametrize("script,args", [("overhead.py", ["--json", str(BENCH / "overhead.json")]),
                                          ("memory.py", []),
+                                         ("memory.py", ["--json", str(BENCH / "memory.json")]),
                                          ("precision.py", ["--json", str(BENCH / "precision.json")])])
 def test_smoke_refuses_to_write_into_benchmarks(script, args):
     before = {p.name: p.read_bytes() for p in BENCH.glob("*.json")}
