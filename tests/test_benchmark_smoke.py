@@ -14,11 +14,12 @@ BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def smoke(script, tmp_path, *args, timeout=300):
-    """Run ``benchmarks/<script> --smoke --json <tmp>``; returns (JSON written, completed process)."""
+    """Run ``benchmarks/<script> --smoke --json <tmp>`` (its scratch folders in ``tmp_path`` too); returns
+    (the JSON written, the completed process)."""
     out = tmp_path / f"{pathlib.Path(script).stem}.json"
     p = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--json", str(out), *args],
                        capture_output=True, text=True, timeout=timeout,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TMPDIR=str(tmp_path)))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "results OK" in p.stdout
     return json.loads(out.read_text()), p
