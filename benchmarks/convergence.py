@@ -32,6 +32,12 @@ objective, run in this process):
 
     python benchmarks/convergence.py --seeds 3 --iterations 20 --targets 0.72,0.75,0.78 --json out.json
     python benchmarks/convergence.py --report out.json --targets 0.70,0.72,0.75   # re-tabulate a run
+
+``--smoke`` (either regime): the same code path on the smallest configuration, in seconds: 1 seed,
+1 iteration, 1 prompt x 2 samples, 3 steps (paper: 5), 1 held-out caption x 1 sample, in this
+process; a fresh JSON (outside benchmarks/), non-zero exit on a non-finite result.
+
+    python benchmarks/convergence.py --regime paper --smoke --json /tmp/convergence.json
 """
 from __future__ import annotations
 
@@ -311,13 +317,19 @@ def run_paper(args):
     todo = [key for key in keys if key not in data["jobs"]]
     print(f"{len(todo)} jobs to run on {args.workers} worker processes ({args.threads} thread each)", flush=True)
     t0, wall0, stop_at = time.time(), data.get("wall_s", 0.0), stop_time(args.stop_at)
-    if todo:
+    if todo and args.workers <= 1:  # in this process
+        global _HOST
+        _HOST = host
+        for key in todo:
+            record_job(data, *run_job((key, cfg, stop_at)), args.json, wall0, t0, len(keys), width=18)
+    elif todo:
         ctx = mp.get_context("spawn")
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         with ctx.Pool(args.workers, initializer=_worker_init, initargs=(args.threads,)) as pool:
             for key, res in pool.imap_unordered(run_job, [(key, cfg, stop_at) for key in todo]):
                 record_job(data, key, res, args.json, wall0, t0, len(keys), width=18)
     report_paper(data, args.targets)
+    return data
 
 
 # ----------------------------------------------------------------------------- the paper-regime report
@@ -473,7 +485,7 @@ def run(host, objective, seed, args):
     return {"iterations_to_target": hit, "final_smoothed": smooth[-1], "rewards": rewards, "clip_per_step": per_step}
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regime", choices=("ten", "paper"), default="ten",
                     help="ten: the 10-step simple-grid benchmark; paper: 50 steps, eta 1, the widest-spread grid")
@@ -497,27 +509,38 @@ def main():
     ap.add_argument("--heldout-samples", type=int, default=2, help="(paper) samples per held-out caption")
     ap.add_argument("--heldout-seed", type=int, default=1234)
     ap.add_argument("--stop-at", default="", help="(paper) HH:MM UTC: start no job after this time (resume later)")
-    ap.add_argument("--workers", type=int, default=2, help="(paper) worker processes")
+    ap.add_argument("--workers", type=int, default=2, help="(paper) worker processes (1: in this process)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--json", default="", help="write the raw results here (paper: after every job; resumes)")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration, in seconds (see above)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _smoke
+    if args.smoke:
+        args.json = _smoke.json_path(args.json)
+        args.seeds, args.iterations, args.prompts_per_iteration, args.group_size = 1, 1, 1, 2
+        args.steps = 5 if args.regime == "paper" else 3
+        args.heldout_prompts, args.heldout_samples, args.workers = 1, 1, 1
     args.targets = [float(t) for t in args.targets.split(",")]
     if args.report:
         with open(args.report) as f:
             saved = json.load(f)
         if "jobs" in saved:
             report_paper(saved, args.targets)
-            return
+            return 0
         res = saved["results"]
         for k in ("lr", "prompts_per_iteration", "group_size", "steps", "iterations"):
             setattr(args, k, saved["args"][k])
         report(res, args)
-        return
+        return 0
     if args.regime == "paper":
         args.steps = args.steps or 50
         args.prompts_per_iteration = args.prompts_per_iteration or 2
-        run_paper(args)
-        return
+        data = run_paper(args)
+        if not args.smoke:
+            return 0
+        return _smoke.finish(args.json, data, {f"{k} {m}": j[m] for k, j in data["jobs"].items()
+                                                for m in ("rewards", "heldout_reward", "heldout_kl") if m in j})
     args.steps = args.steps or 10
     args.prompts_per_iteration = args.prompts_per_iteration or 4
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -536,6 +559,11 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": res}, f, indent=1)
     report(res, args)
+    if not args.smoke:
+        return 0
+    return _smoke.finish(args.json, {"args": vars(args), "results": res},
+                         {f"{obj} seed {i} {m}": r[m] for obj, rs in res.items() for i, r in enumerate(rs)
+                          for m in ("rewards", "final_smoothed")})
 
 
 def report(res, args):
@@ -570,4 +598,4 @@ def report(res, args):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

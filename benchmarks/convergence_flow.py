@@ -18,6 +18,11 @@ captions, fixed noise, sampled with the rule's own sampler; the base model's onc
 
     python benchmarks/convergence_flow.py --json benchmarks/convergence_flow.json --workers 1
     python benchmarks/convergence_flow.py --report benchmarks/convergence_flow.json
+    python benchmarks/convergence_flow.py --smoke --json /tmp/convergence_flow.json   # seconds
+
+``--smoke``: the same code path on the smallest configuration (both rules, every arm, 1 seed,
+1 iteration, 1 prompt x 2 samples, 4 steps, 1 held-out caption x 1 sample, in this process); a
+fresh JSON (outside benchmarks/), non-zero exit on a non-finite result.
 
 The report (per rule): iterations until the running mean (window 3) of the training-batch reward
 reaches each target (budget + 1 if never), the final reward (mean of the last 3 iterations) and the
@@ -39,6 +44,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import _smoke  # noqa: E402
 from convergence import (arm_metrics, fmt_ci, paired_difference, print_arm_table,  # noqa: E402
                          print_clip_table, record_job, resume, stop_time, verdict)
 
@@ -216,6 +222,7 @@ def run(args):
             for key, res in pool.imap_unordered(run_job, [(k, cfg, stop_at) for k in todo]):
                 done(key, res)
     report(data, args.targets)
+    return data
 
 
 # ----------------------------------------------------------------------------- report
@@ -293,7 +300,7 @@ def report(data, targets="auto", bin_size: int = 3):
         print(f"\nnot run: rule(s) {', '.join(sorted(set(missing)))}")
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rules", default="constant,flow-grpo", help="noise rules, in run order: " + ", ".join(RULES))
     ap.add_argument("--arms", default=",".join(ARMS))
@@ -319,16 +326,25 @@ def main():
     ap.add_argument("--workers", type=int, default=1, help="worker processes (1: in this process)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration, in seconds (see above)")
+    args = ap.parse_args(argv)
     if args.report:
         with open(args.report) as f:
             report(json.load(f), args.targets)
-        return
+        return 0
     for r in args.rules.split(","):
         if r not in RULES:
             raise SystemExit(f"unknown rule {r!r}; choose from {', '.join(RULES)}")
-    run(args)
+    if args.smoke:
+        args.json = _smoke.json_path(args.json)
+        args.seeds, args.iterations, args.prompts_per_iteration, args.group_size, args.steps = 1, 1, 1, 2, 4
+        args.heldout_prompts, args.heldout_samples, args.workers = 1, 1, 1
+    data = run(args)
+    if not args.smoke:
+        return 0
+    return _smoke.finish(args.json, data, {f"{k} {m}": j[m] for k, j in data["jobs"].items()
+                                            for m in ("rewards", "heldout_reward", "heldout_kl") if m in j})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

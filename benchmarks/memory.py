@@ -5,6 +5,7 @@ forward+backward of the same model through the same ComfyUI model call.
     python benchmarks/memory.py                       # all configurations, results in benchmarks/memory.json
     python benchmarks/memory.py --families sd15        # a subset; finished configurations are kept (resumable)
     python benchmarks/memory.py --table                # re-tabulate the saved JSON
+    python benchmarks/memory.py --smoke --json /tmp/memory.json   # 2 configurations on tiny models, seconds
 
 Each configuration runs in a fresh process.  The weights are created as ordinary frozen tensors,
 so training shares them (a model from ComfyUI's loaders would get a trainable copy first: a second
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 
+import _smoke
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -32,6 +35,8 @@ GB = 1024 ** 3
 # SDXL at 1024 px without checkpointing needs more than this 24 GB machine has: only with it
 CONFIGS = [("sd15", m, ck) for ck in ("off", "on") for m in ("bare", "ours")] + \
     [("sdxl", m, "on") for m in ("bare", "ours")]
+# the smoke mode: each pass, each checkpointing setting and each family once, on the tiny models
+SMOKE_CONFIGS = [("sd15", "bare", "off"), ("sdxl", "ours", "on")]
 
 
 def _status(key: str) -> int:
@@ -47,15 +52,16 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def one(family: str, mode: str, checkpointing: str, threads: int) -> dict:
+def one(family: str, mode: str, checkpointing: str, threads: int, tiny: bool = False) -> dict:
+    """One configuration's pass (``tiny``: the tiny model of the family at 64 px, the smoke mode)."""
     import torch
     torch.set_num_threads(threads)
     import gpu_check
     import _models
     N = gpu_check.load_host()
     from comfyui_pcpo.rewards import score  # noqa: F401  (registry import before measuring)
-    model, pos, neg = _models.build(family, dtype=torch.bfloat16, as_loaded=False)  # one copy of the weights
-    size = _models.latent_size(family, False)
+    model, pos, neg = _models.build(family, tiny=tiny, dtype=torch.bfloat16, as_loaded=False)  # one weights copy
+    size = _models.latent_size(family, tiny)
     with torch.inference_mode():
         sess = N["PCPOLoRA"]().create(model, f"mem_{family}", 16, 16.0, "attention", 1e-4, "AdamW", 0.0, 0, False,
                                       training_precision="bf16", gradient_checkpointing=checkpointing)[1]
@@ -98,7 +104,7 @@ def one(family: str, mode: str, checkpointing: str, threads: int) -> dict:
     peak = _status("VmHWM")
     return {"family": family, "mode": mode, "checkpointing": checkpointing == "on", "pixels": size * 8,
             "weights_gb": weights / GB, "baseline_rss_gb": base / GB, "peak_above_baseline_gb": (peak - base) / GB,
-            "seconds": seconds, "passes": 1 if mode == "bare" else 2, "threads": threads}
+            "seconds": seconds, "passes": 1 if mode == "bare" else 2, "threads": threads, "tiny": tiny}
 
 
 def table(results: list) -> str:
@@ -126,29 +132,44 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default="sd15,sdxl")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", action="store_true", help="only print the table of the saved results")
+    ap.add_argument("--json", default="", help="results file, kept and resumed (default benchmarks/memory.json)")
+    ap.add_argument("--smoke", action="store_true", help="both passes, both checkpointing settings and both "
+                    "families once, on the tiny models at 64 px, one thread, in seconds; needs --json outside "
+                    "benchmarks/")
     ap.add_argument("--one", nargs=3, metavar=("FAMILY", "MODE", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print("RESULT " + json.dumps(one(*a.one, threads=a.threads)), flush=True)
+        print("RESULT " + json.dumps(one(*a.one, threads=a.threads, tiny=a.tiny)), flush=True)
         return 0
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    if a.smoke:
+        a.json, a.threads = _smoke.json_path(a.json), 1
+    path = pathlib.Path(a.json or RESULTS)
+    results = json.loads(path.read_text()) if path.exists() else []
+    failed = 0
     if not a.table:
         done = {(r["family"], r["mode"], r["checkpointing"]) for r in results}
-        for fam, mode, ck in CONFIGS:
+        for fam, mode, ck in (SMOKE_CONFIGS if a.smoke else CONFIGS):
             if fam not in a.families.split(",") or (fam, mode, ck == "on") in done:
                 continue
             print(f"running {fam} {mode} checkpointing {ck} ...", flush=True)
-            p = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--one", fam, mode, ck],
+            p = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--one", fam, mode, ck]
+                               + (["--tiny"] if a.smoke else []),
                                capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
                 print(f"  failed (exit {p.returncode}): {p.stderr[-1500:]}", flush=True)
+                failed += 1
                 continue
             results.append(json.loads(line[len("RESULT "):]))
-            RESULTS.write_text(json.dumps(results, indent=1))
+            path.write_text(json.dumps(results, indent=1))
             print("  " + json.dumps(results[-1]), flush=True)
     print(table(results))
-    return 0
+    if a.smoke:
+        finite = {f"{r['family']} {r['mode']} checkpointing {r['checkpointing']} {k}": r[k] for r in results
+                  for k in ("weights_gb", "peak_above_baseline_gb", "seconds")}
+        return _smoke.finish(str(path), results, finite) or int(failed > 0)
+    return int(failed > 0)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,18 @@
    ``comfy.sample.sample_custom`` for the same groups, steps and cfg.  Target: within 5%.
 
     python benchmarks/overhead.py --repeats 3
+    python benchmarks/overhead.py --smoke --json /tmp/overhead.json   # seconds: 1 group x 2, 3 steps, 1 repeat
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
+import _smoke
 from _common import Host
 
 
@@ -28,14 +31,21 @@ def timed(fn, repeats):
     return out
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
+    ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the same measurement on the smallest configuration (1 group x 2 samples, 3 steps, "
+                         "1 repeat), in seconds; needs --json outside benchmarks/")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.json = _smoke.json_path(args.json)
+        args.repeats, args.prompts, args.group_size, args.steps = 1, 1, 2, 3
     host = Host(args.threads)
     import comfy.model_management
     import comfy.sample
@@ -50,9 +60,14 @@ def main():
     K = len([s for s in traj.plan.trainable_steps().tolist() if s != traj.num_steps - 1])
 
     # -- 1. update vs bare forward+backward ------------------------------------------------------
+    stats = []  # the PCPO update's stats of every call (warm-up included)
+
     def ours_update():
-        sess.iteration = batch.iteration  # re-use one rollout for every repeat
-        host.update(sess, batch, rewards, objective="pcpo", train_fraction=1.0, micro_batch=G, updates=1)
+        # re-use one rollout for every repeat: rewind the run's iteration counter (RunState.iteration,
+        # which only RunState.commit advances) to the rollout's, so the update node accepts it again
+        sess.state.iteration = batch.iteration
+        stats.append(host.update(sess, batch, rewards, objective="pcpo", train_fraction=1.0, micro_batch=G,
+                                 updates=1))
 
     model = sess.model
     comfy.model_management.load_models_gpu([model])
@@ -101,13 +116,26 @@ def main():
             ta += timed(a, 1)
             tb += timed(b, 1)
         rows.append((name, statistics.median(ta), statistics.median(tb)))
-    print(f"demo model (UNet {sum(p.numel() for p in dm.parameters()) / 1e6:.2f} M params), {args.prompts} groups x {G}"
+    unet = sum(p.numel() for p in dm.parameters())
+    print(f"demo model (UNet {unet / 1e6:.2f} M params), {args.prompts} groups x {G}"
           f" samples, {args.steps} steps ({K} trained per sample), cfg 4, threads {args.threads}, "
           f"median of {args.repeats}")
     print(f"{'comparison':40s} | {'ours s':>8s} | {'baseline s':>10s} | {'ratio':>6s}")
     for name, a, b in rows:
         print(f"{name:40s} | {a:8.3f} | {b:10.3f} | {a / b:6.3f}")
+    if not args.json:
+        return 0
+    data = {"config": {"unet_params": unet, "groups": args.prompts, "group_size": G, "steps": args.steps,
+                       "trained_steps_per_sample": K, "cfg": 4.0, "threads": args.threads, "repeats": args.repeats,
+                       "smoke": args.smoke},
+            "rows": [{"comparison": name, "ours_s": a, "baseline_s": b, "ratio": a / b} for name, a, b in rows],
+            "updates": [{k: st[k] for k in ("reward_mean", "reward_std", "grad_norm", "approx_kl", "pairs")}
+                        for st in stats],
+            "run_history": len(sess.history)}
+    finite = {f"{r['comparison']} {k}": r[k] for r in data["rows"] for k in ("ours_s", "baseline_s", "ratio")}
+    finite.update({f"update {i} {k}": v for i, st in enumerate(data["updates"]) for k, v in st.items()})
+    return _smoke.finish(args.json, data, finite)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

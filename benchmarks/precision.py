@@ -27,6 +27,10 @@ b. Training effect.  grpo-clip runs through the nodes (training_precision fp32 /
 
     python benchmarks/precision.py --json benchmarks/precision.json
     python benchmarks/precision.py --report benchmarks/precision.json      # tables of a finished run
+    python benchmarks/precision.py --smoke --json /tmp/precision.json      # seconds: the smallest configuration
+
+``--smoke``: one 3-step error grid and one 1-iteration training run per (precision, form), 1 prompt
+x 2 samples, 3 steps; a fresh JSON (outside benchmarks/), non-zero exit on a non-finite result.
 
 Resumable: with --json, finished parts are kept and skipped on a re-run.  One thread.
 """
@@ -44,6 +48,7 @@ import time
 
 import torch
 
+import _smoke
 from _common import Host
 
 F64 = torch.float64
@@ -345,7 +350,7 @@ def print_training(summary):
 
 # ----------------------------------------------------------------------------- main
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="", help="write the results here (and resume from it)")
     ap.add_argument("--report", default="", help="print the tables of an earlier --json run")
@@ -362,14 +367,20 @@ def main():
     ap.add_argument("--fp16-seeds", type=int, default=1, help="fp16 on CPU is ~50x slower than bf16")
     ap.add_argument("--fp16-iterations", type=int, default=1)
     ap.add_argument("--skip-training", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration, in seconds (see above)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.json = _smoke.json_path(args.json)
+        args.grids, args.bins, args.prompts, args.group, args.steps = "3:uw-sigma", 2, 1, 2, 3
+        args.seeds = args.iterations = args.fp16_seeds = args.fp16_iterations = 1
+        args.skip_training = False
     if args.report:
         res = json.load(open(args.report))
         for name, r in res.get("errors", {}).items():
             print_errors(name, r)
         if res.get("training"):
             print_training(summarize_training(res["training"]))
-        return
+        return 0
     res = json.load(open(args.json)) if args.json and os.path.exists(args.json) else {}
     res.setdefault("errors", {})
     res.setdefault("training", {})
@@ -400,13 +411,14 @@ def main():
                  for f in ("analytic", "difference")]
         # every run's LoRA weights per iteration (the references of the distances), kept for resuming
         wpath = os.path.join(tempfile.gettempdir(), os.path.basename(args.json or "precision") + ".weights.pt")
-        store = torch.load(wpath) if os.path.exists(wpath) else {}
+        resumable = args.json and not args.smoke  # a smoke run starts afresh and leaves no weights file
+        store = torch.load(wpath) if resumable and os.path.exists(wpath) else {}
         for prec, form, seed, its in plan:
             key = f"{prec}/{form}"
             if str(seed) in res["training"].get(key, {}) and f"{key}/{seed}" in store:
                 continue
             r = train_run(host, prec, form, seed, its, args, args.prompts, args.group, store)
-            if args.json:
+            if resumable:
                 torch.save(store, wpath)
             res["training"].setdefault(key, {})[str(seed)] = r
             print(f"{key} seed {seed}: rewards {' '.join(f'{x:.3f}' for x in r['reward'])}, "
@@ -414,7 +426,15 @@ def main():
             save()
         print_training(summarize_training(res["training"]))
     save()
+    if not args.smoke:
+        return 0
+    finite = {f"{name} {dt} {form} median_abs_error": x["median_abs_error"]
+              for name, r in res["errors"].items() for dt, d in r["dtypes"].items() for form, x in d["forms"].items()
+              if dt != "fp16" or form.startswith("analytic")}  # fp16 difference forms may overflow (counted)
+    finite.update({f"{key} {k}": s[k] for key, s in summarize_training(res["training"]).items()
+                   for k in ("final_reward", "clip_fraction", "log_approx_error", "approx_kl")})
+    return _smoke.finish(args.json, res, finite)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Throughput of 1 vs 2 processes (torch.distributed, gloo on CPU, one thread each) on the demo model.
 
     python benchmarks/scaling.py [--iterations 5] [--json scaling.json]
+    python benchmarks/scaling.py --smoke --json /tmp/scaling.json   # seconds: 2 groups x 2, 3 steps, 2 iterations
 
 Runs the shipped demo workflow (``workflows/api/demo_tiny_pcpo.json``: 4 prompts x 8 samples per
 iteration, 10 steps, PCPO on half of the steps, 2 optimizer steps per rollout) through the product
@@ -12,7 +13,8 @@ would write into the ComfyUI tree).
 Reported: samples per second over the iterations after the first (which loads the model), the
 speed-up, the share of wall time spent in the training collectives (gradient average and stats;
 waiting for the slower rank included), and a bare all-reduce of the LoRA gradient buffer on its own
-(``--probe``), which is the communication proper.
+(``--probe``), which is the communication proper.  ``--smoke``: the same runs on the smallest
+configuration (2 groups x 2 samples, 3 steps, 2 iterations; held-out evaluation 1 sample, 3 steps).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import _smoke
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "workflows" / "api" / "demo_tiny_pcpo.json"
@@ -43,7 +47,11 @@ def comfy_tree() -> str:
     return str(comfyui_host.ensure_comfyui())
 
 
-def workflow(prompts_per_iteration: int, run_name: str) -> dict:
+SMOKE = {"groups": 2, "group_size": 2, "steps": 3, "iterations": 2}
+
+
+def workflow(prompts_per_iteration: int, run_name: str, smoke: bool = False) -> dict:
+    """The demo workflow for this benchmark (``smoke``: with the smoke mode's sizes)."""
     api = json.loads(WORKFLOW.read_text(encoding="utf-8"))
     api = {k: v for k, v in api.items() if v["class_type"] != "PCPOExportLoRA"}
     for node in api.values():
@@ -53,6 +61,12 @@ def workflow(prompts_per_iteration: int, run_name: str) -> dict:
             node["inputs"].update(run_name=run_name, resume=False)
         elif node["class_type"] == "PCPORewardGuard":
             node["inputs"]["best_filename"] = ""  # no best-LoRA export into the ComfyUI tree either
+        if smoke and node["class_type"] == "PCPOTrajectorySampler":
+            node["inputs"].update(steps=SMOKE["steps"], group_size=SMOKE["group_size"])
+        elif smoke and node["class_type"] == "PCPOLoRAUpdate":
+            node["inputs"]["micro_batch"] = SMOKE["group_size"]
+        elif smoke and node["class_type"] == "PCPOHeldOutEvaluation":
+            node["inputs"].update(steps=SMOKE["steps"], samples_per_prompt=1)
     return api
 
 
@@ -68,10 +82,11 @@ def torchrun(nproc: int) -> list:
             "127.0.0.1", "--master_port", str(free_port())]
 
 
-def measure(processes: int, iterations: int, tree: str, work: pathlib.Path) -> dict:
-    groups = 4 // processes
+def measure(processes: int, iterations: int, tree: str, work: pathlib.Path, smoke: bool = False) -> dict:
+    total, group_size = (SMOKE["groups"], SMOKE["group_size"]) if smoke else (4, 8)
+    groups = total // processes
     wf = work / f"wf_{processes}.json"
-    wf.write_text(json.dumps(workflow(groups, f"scaling_{processes}p")), encoding="utf-8")
+    wf.write_text(json.dumps(workflow(groups, f"scaling_{processes}p", smoke)), encoding="utf-8")
     timings = work / f"timings_{processes}.jsonl"
     args = [str(wf), "--comfyui", tree, "--iterations", str(iterations), "--out", str(work / f"out_{processes}"),
             "--timings", str(timings), "--timeout", "300"]
@@ -91,7 +106,7 @@ def measure(processes: int, iterations: int, tree: str, work: pathlib.Path) -> d
         other = [json.loads(ln) for ln in pathlib.Path(f"{timings}.rank{rank}").read_text().splitlines() if ln]
         cpu.append(sum(r["cpu_seconds"] for r in other[1:]))
     coll = rows[-1]["collective_seconds_total"] - rows[0]["collective_seconds_total"]
-    samples = 4 * 8 * len(steady)
+    samples = total * group_size * len(steady)
     return {"processes": processes, "groups_per_process": groups, "iterations_timed": len(steady),
             "seconds_per_iteration": secs / len(steady), "samples_per_second": samples / secs,
             "cpu_seconds_per_iteration": [c / len(steady) for c in cpu], "cpu_samples_per_second": samples / max(cpu),
@@ -140,21 +155,30 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=50, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration (2 groups x 2 samples, 3 steps, "
+                    "2 iterations), in seconds; needs --json outside benchmarks/")
     a = ap.parse_args(argv)
     if a.probe is not None:
         probe(a.probe, a.repeats)
         return 0
+    if a.smoke:
+        a.json = _smoke.json_path(a.json)
+        a.iterations = SMOKE["iterations"]
     tree = comfy_tree()
     work = pathlib.Path(tempfile.mkdtemp(prefix="pcpo-scaling-"))
-    results = [measure(1, a.iterations, tree, work), measure(2, a.iterations, tree, work)]
+    results = [measure(1, a.iterations, tree, work, a.smoke), measure(2, a.iterations, tree, work, a.smoke)]
     numel = lora_size(work)
-    p = subprocess.run(torchrun(2) + [str(pathlib.Path(__file__).resolve()), "--probe", str(numel)], cwd=ROOT,
+    p = subprocess.run(torchrun(2) + [str(pathlib.Path(__file__).resolve()), "--probe", str(numel),
+                                      "--repeats", "5" if a.smoke else str(a.repeats)], cwd=ROOT,
                        env=env(), capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise SystemExit(f"all-reduce probe failed:\n{p.stdout}\n{p.stderr}")
     bare = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
     one, two = results
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"demo model, 4 groups x 8 samples per iteration, {a.iterations - 1} timed iterations, one thread per "
-          f"process, gloo; {os.cpu_count()} CPUs, load average {load:.1f} at the end")
+    total, group_size = (SMOKE["groups"], SMOKE["group_size"]) if a.smoke else (4, 8)
+    print(f"demo model, {total} groups x {group_size} samples per iteration, {a.iterations - 1} timed iterations, "
+          f"one thread per process, gloo; {os.cpu_count()} CPUs, load average {load:.1f} at the end")
     print("| processes | groups per process | wall s / iteration | samples / s | speed-up | time in collectives "
           "| CPU s / iteration (per process) | samples / CPU-s of the busiest process | speed-up (CPU) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -169,7 +193,13 @@ def main(argv=None) -> int:
           f"{per_iter} per iteration = {100 * per_iter * bare['median_s'] / two['seconds_per_iteration']:.4f}% "
           "of a 2-process iteration")
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps({"runs": results, "allreduce": bare}, indent=1))
+        data = {"config": {"groups": total, "group_size": group_size, "iterations": a.iterations, "smoke": a.smoke},
+                "runs": results, "allreduce": bare}
+        finite = {f"{r['processes']}p {k}": r[k] for r in results for k in
+                  ("seconds_per_iteration", "samples_per_second", "cpu_samples_per_second", "collective_share",
+                   "reward_means")}
+        finite["allreduce median_s"] = bare["median_s"]
+        return _smoke.finish(a.json, data, finite)
     return 0
 
 

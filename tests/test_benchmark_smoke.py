@@ -1,0 +1,132 @@
+"""Every benchmark script (gpu_check.py has its own test) runs its smoke mode end to end: the same code
+path on the smallest configuration, its JSON written where the test says, checked here."""
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def smoke(script, tmp_path, *args, timeout=300):
+    """Run ``benchmarks/<script> --smoke --json <tmp>`` (its scratch folders in ``tmp_path`` too); returns
+    (the JSON written, the completed process)."""
+    out = tmp_path / f"{pathlib.Path(script).stem}.json"
+    p = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--json", str(out), *args],
+                       capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TMPDIR=str(tmp_path)))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "results OK" in p.stdout
+    return json.loads(out.read_text()), p
+
+
+def finite(*values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def test_overhead_smoke_times_both_comparisons_and_runs_the_update_every_repeat(tmp_path):
+    data, _ = smoke("overhead.py", tmp_path)
+    assert [r["comparison"] for r in data["rows"]] == ["PCPO update vs bare fwd+bwd",
+                                                       "Trajectory Sampler vs euler_ancestral"]
+    for r in data["rows"]:
+        assert finite(r["ours_s"], r["baseline_s"]) and r["ours_s"] > 0 and r["baseline_s"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_s"] / r["baseline_s"])
+    # warm-up + 1 repeat, each a committed iteration of the run on the one re-used rollout
+    assert len(data["updates"]) == 2 and data["run_history"] == 2
+    for st in data["updates"]:
+        assert finite(st["reward_mean"], st["grad_norm"], st["approx_kl"]) and st["grad_norm"] > 0
+        assert st["pairs"] == data["config"]["group_size"] * data["config"]["trained_steps_per_sample"]
+
+
+def test_scaling_smoke_runs_one_and_two_processes_and_the_probe(tmp_path):
+    data, _ = smoke("scaling.py", tmp_path)
+    one, two = data["runs"]
+    assert (one["processes"], one["groups_per_process"]) == (1, 2)
+    assert (two["processes"], two["groups_per_process"]) == (2, 1)
+    for r in data["runs"]:
+        assert r["iterations_timed"] == 1 and len(r["reward_means"]) == 2 and finite(*r["reward_means"])
+        assert finite(r["samples_per_second"], r["seconds_per_iteration"]) and r["samples_per_second"] > 0
+        assert len(r["cpu_seconds_per_iteration"]) == r["processes"]
+    assert 0 <= two["collective_share"] < 1 and one["collective_share"] == 0
+    assert data["allreduce"]["numel"] > 0 and finite(data["allreduce"]["median_s"])
+
+
+def test_memory_smoke_measures_each_configuration_in_its_own_process(tmp_path):
+    data, _ = smoke("memory.py", tmp_path)
+    assert [(r["family"], r["mode"], r["checkpointing"]) for r in data] == [
+        ("sd15", "bare", False), ("sdxl", "ours", True)]
+    for r in data:
+        assert r["tiny"] and r["pixels"] == 64 and r["passes"] == (1 if r["mode"] == "bare" else 2)
+        assert finite(r["weights_gb"], r["peak_above_baseline_gb"], r["seconds"])
+        assert r["weights_gb"] > 0 and r["peak_above_baseline_gb"] >= 0 and r["baseline_rss_gb"] > 0
+
+
+def test_precision_smoke_error_study_and_training_runs(tmp_path):
+    data, _ = smoke("precision.py", tmp_path)
+    (name, err), = data["errors"].items()
+    assert name == "3 steps, eta 1, uw-sigma" and err["pairs"] > 0
+    assert set(err["dtypes"]) == {"float32", "bf16", "fp16"}
+    forms = err["dtypes"]["float32"]["forms"]
+    assert set(forms) == {"analytic-f32", "analytic-wd", "difference", "difference-f32", "difference-wd"}
+    assert forms["analytic-f32"]["median_abs_error"] < 1e-6  # float32 against float64: rounding only
+    assert set(data["training"]) == {f"{p}/{f}" for p in ("fp32", "bf16", "fp16") for f in ("analytic", "difference")}
+    for key, seeds in data["training"].items():
+        r = seeds["0"]
+        assert len(r["reward"]) == 1 and finite(*r["reward"], *r["log_approx_error"]) and r["non_finite"] == 0
+    assert data["training"]["fp32/analytic"]["0"]["weight_rel_distance"] == [0.0]  # its own reference
+    assert not any(p.name.endswith(".weights.pt") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("regime", ["ten", "paper"])
+def test_convergence_smoke_both_regimes(tmp_path, regime):
+    data, _ = smoke("convergence.py", tmp_path, "--regime", regime)
+    if regime == "ten":
+        assert set(data["results"]) == {"pcpo", "grpo-clip", "ddpo"}
+        for runs in data["results"].values():
+            assert len(runs) == 1 and len(runs[0]["rewards"]) == 1 and finite(*runs[0]["rewards"])
+        return
+    assert set(data["jobs"]) == {"base", "pcpo-uw-sigma/0", "pcpo-uw-lambda/0", "grpo-clip/0", "ddpo/0"}
+    assert data["config"]["steps"] == 5 and data["trained_steps"]["kept"] >= 1
+    for key, job in data["jobs"].items():
+        assert finite(job["heldout_reward"], job["heldout_kl"]) and 0 <= job["heldout_reward"] <= 1
+        if key != "base":
+            assert len(job["rewards"]) == 1 and finite(*job["rewards"])
+            assert all(finite(job["iterations"][0][k]) for k in ("grad_norm", "approx_kl", "clip_fraction"))
+
+
+def test_convergence_flow_smoke_both_rules_every_arm(tmp_path):
+    data, _ = smoke("convergence_flow.py", tmp_path)
+    assert set(data["jobs"]) == {f"{r}/{k}" for r in ("constant", "flow-grpo")
+                                 for k in ("base", "pcpo/0", "grpo-clip/0", "ddpo/0")}
+    for key, job in data["jobs"].items():
+        assert finite(job["heldout_reward"], job["heldout_kl"])
+        if not key.endswith("/base"):
+            assert len(job["rewards"]) == 1 and finite(*job["rewards"], job["iterations"][0]["grad_norm"])
+
+
+@pytest.mark.parametrize("script,args", [("overhead.py", ["--json", str(BENCH / "overhead.json")]),
+                                         ("memory.py", []),
+                                         ("memory.py", ["--json", str(BENCH / "memory.json")]),
+                                         ("precision.py", ["--json", str(BENCH / "precision.json")])])
+def test_smoke_refuses_to_write_into_benchmarks(script, args):
+    before = {p.name: p.read_bytes() for p in BENCH.glob("*.json")}
+    p = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "smoke" in p.stderr and "benchmarks/" in p.stderr
+    assert {q.name: q.read_bytes() for q in BENCH.glob("*.json")} == before
+
+
+def test_non_finite_result_is_a_failure(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_smoke", BENCH / "_smoke.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.non_finite({"a": 1.0, "b": [0.5, float("nan")], "c": None, "d": [2, 3]}) == ["b=nan", "c=None"]
+    out = tmp_path / "r.json"
+    assert mod.finish(str(out), {"x": 1}, {"ok": 1.0, "loss": float("inf")}) == 1
+    assert json.loads(out.read_text()) == {"x": 1}
+    assert mod.finish(str(out), {"x": 2}, {"ok": 1.0}) == 0
