@@ -18,7 +18,7 @@ from comfyui_pcpo import distributed
 from comfyui_pcpo.plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, diffusion_plan, flow_plan,
                                 prediction_from_denoised)
 from comfyui_pcpo.rollout import make_trajectory, rollout
-from comfyui_pcpo.run import rollout_generator
+from comfyui_pcpo.run import rollout_generator, step_noise_seed
 from comfyui_pcpo.trajectory import Trajectory
 
 from .export import check_export_names
@@ -213,13 +213,14 @@ class PCPOTrajectorySampler:
 def pcpo_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                 variant="native", flow_noise_rule="constant"):
     """k-diffusion style sampler function: the PCPO rollout (``comfyui_pcpo.rollout``) without
-    recording."""
+    recording.  ComfyUI drew the initial noise ``x`` from the noise seed; the step noise comes
+    from a seed derived from it (``step_noise_seed``), so it is a different draw."""
     extra_args = {} if extra_args is None else extra_args
     ms = model.inner_model.inner_model.model_sampling
     import comfy.model_sampling as MS
     fam = ModelFamily("flow" if isinstance(ms, MS.CONST) else "diffusion", "", "")
     plan = make_plan(fam, sigmas.detach().double().cpu(), eta, variant, flow_noise_rule)
-    gen = torch.Generator().manual_seed(int(extra_args.get("seed", 0) or 0))
+    gen = torch.Generator().manual_seed(step_noise_seed(int(extra_args.get("seed", 0) or 0)))
     last = {}
 
     def pred(xx, s):
