@@ -76,6 +76,8 @@ def diffusion_plan(sigmas, eta: float = 1.0, variant: str = "uw-sigma", w_star: 
         raise ValueError("sigmas must be a strictly decreasing schedule with at least one step")
     s, sn = sig[:-1], sig[1:]
     up_native = kernels.ancestral_sigma_up(s, sn, eta)
+    if not bool((up_native > 0).any()):
+        raise no_trainable_step_error(sig)
     w_nat_ddim = weights.sigma_native_weights(sig, up_native)
     wbar = weights.w_bar(w_nat_ddim)
     info = {"w_bar": wbar}
@@ -121,6 +123,28 @@ def flow_plan(ts, noise_rule: str = "constant", level: float = 0.3, variant: str
         lam = w_loss / w_nat
         w_nat = w_loss.clone()
     return StepPlan("flow", variant, t, std, sig, w_nat, w_loss, lam, float(level), noise_rule, {"zeta": z})
+
+
+def no_trainable_step_error(sigmas) -> ValueError:
+    """The error for a schedule without a stochastic step (a single step into sigma 0)."""
+    grid = ", ".join(f"{float(v):.4g}" for v in torch.as_tensor(sigmas).flatten())
+    return ValueError(f"no stochastic step to train in sigmas [{grid}]: a step into sigma 0 is deterministic "
+                      "(it carries no policy), so a one-step schedule has nothing to train. Use at least 2 steps "
+                      "(raise steps, or wire SIGMAS with 2 or more steps: split SplitSigmas earlier); "
+                      "train_fraction only picks among the stochastic steps and cannot add one")
+
+
+def check_training_schedule(plan: StepPlan) -> StepPlan:
+    """Refuse a schedule a rollout cannot be trained on: one that does not end at 0 (the final
+    samples would be noisy and the reward would score noise), or one without a stochastic step."""
+    end = float(plan.sigmas[-1])
+    if end != 0.0:
+        raise ValueError(f"sigmas ends at {end:.4g}, not 0: the final samples would still be noisy and the reward "
+                         "would score noise; end the schedule at 0: don't use the first half of SplitSigmas alone "
+                         "(wire its second half with a LATENT, or the whole schedule)")
+    if plan.trainable_steps().numel() == 0:
+        raise no_trainable_step_error(plan.sigmas)
+    return plan
 
 
 def step_mean(plan: StepPlan, i: int, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@
 * :func:`make_optimizer` -- the one optimizer factory (AdamW / Adam: betas 0.9/0.999, eps 1e-8;
   SGD: momentum 0.9).
 * :func:`rollout_seed` -- the seeding scheme of rollouts: each (seed, iteration, group) draws its
-  own initial and step noise, so a resumed run samples exactly what an uninterrupted one would.
+  own initial and step noise, so a resumed run samples exactly what an uninterrupted one would;
+  :func:`step_noise_seed` derives from it the step-noise seed of a sampler handed its initial
+  noise (the PCPO Sampler under SamplerCustom).
 * :class:`RunState` -- adapters, optimizer, the timestep generator, iteration bookkeeping and the
   stats history.  An iteration is atomic: :meth:`RunState.snapshot` before the update and
   :meth:`RunState.restore` on any failure leave no trace of an interrupted update, and
@@ -99,6 +101,14 @@ def rollout_seed(seed: int, iteration: int, group: int) -> int:
 
 def rollout_generator(seed: int, iteration: int, group: int) -> torch.Generator:
     return torch.Generator().manual_seed(rollout_seed(seed, iteration, group))
+
+
+def step_noise_seed(noise_seed: int) -> int:
+    """Seed of the step noise of a sampler whose initial noise ComfyUI drew from ``noise_seed``
+    (a CPU generator seeded with it): :func:`rollout_seed` of group 1 at iteration 0.  It never
+    equals ``noise_seed`` (seed * 1_000_002 is even, -1 is odd modulo 2^63), so the first step's
+    noise is never the initial noise."""
+    return rollout_seed(noise_seed, 0, 1)
 
 
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from .advantages import group_advantages
 from .objectives import LOG_RATIO_FORMS, ObjectiveInputs, get_objective
-from .plan import mean_coefficients
+from .plan import mean_coefficients, no_trainable_step_error
 from .trajectory import Trajectory
 
 Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,6 +56,8 @@ class PCPOConfig:
 def candidate_steps(traj: Trajectory) -> torch.Tensor:
     """Trainable steps: stochastic ones, without the final step of the grid (reference default)."""
     steps = traj.plan.trainable_steps()
+    if steps.numel() == 0:
+        raise no_trainable_step_error(traj.plan.sigmas)
     last = traj.num_steps - 1
     keep = steps[steps != last]
     return keep if keep.numel() > 0 else steps

@@ -15,10 +15,10 @@ import comfy.samplers
 import comfy.utils
 
 from comfyui_pcpo import distributed
-from comfyui_pcpo.plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, diffusion_plan, flow_plan,
-                                prediction_from_denoised)
+from comfyui_pcpo.plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, check_training_schedule, diffusion_plan,
+                                flow_plan, prediction_from_denoised)
 from comfyui_pcpo.rollout import make_trajectory, rollout
-from comfyui_pcpo.run import rollout_generator
+from comfyui_pcpo.run import rollout_generator, step_noise_seed
 from comfyui_pcpo.trajectory import Trajectory
 
 from .export import check_export_names
@@ -64,6 +64,27 @@ def latent_shape_for(model, latent, width: int, height: int) -> tuple:
     if width % ds or height % ds:
         raise ValueError(f"width and height must be multiples of {ds} for this model (got {width}x{height})")
     return (int(fmt.latent_channels), height // ds, width // ds)
+
+
+def start_latents(model, latent, groups: int) -> list:
+    """Per group, the (1, C, H, W) latent the rollout starts from before the noise is added: the
+    LATENT's image in the model's latent space (``process_latent_in``), as ComfyUI's samplers use it,
+    or None (zeros) for no LATENT or an empty one (ComfyUI never shifts an empty latent).  One image
+    serves every group; a batch gives one image per group."""
+    if latent is None:
+        return [None] * groups
+    if latent.get("noise_mask") is not None:
+        raise ValueError("the Trajectory Sampler does not inpaint: remove the noise_mask from the LATENT "
+                         "(no Set Latent Noise Mask / inpaint encode before it)")
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    if torch.count_nonzero(samples) == 0:
+        return [None] * groups
+    B = int(samples.shape[0])
+    if B not in (1, groups):
+        raise ValueError(f"LATENT has {B} images for {groups} groups: give 1 image (every group starts from it) "
+                         f"or one per group ({groups})")
+    x = model.model.process_latent_in(samples.float().cpu())
+    return [x[:1]] * groups if B == 1 else list(x.split(1))
 
 
 class PCPOTrajectorySampler:
@@ -112,8 +133,14 @@ class PCPOTrajectorySampler:
             "prompts": ("PCPO_PROMPTS", {"tooltip": "Training prompts (PCPO Prompts). Or wire positive/negative."}),
             "positive": ("CONDITIONING", {"tooltip": "Single-prompt run: the positive conditioning."}),
             "negative": ("CONDITIONING", {"tooltip": "Single-prompt run: the negative conditioning."}),
-            "latent": ("LATENT", {"tooltip": "Sets the sample size (its content is not used)."}),
-            "sigmas": ("SIGMAS", {"tooltip": "A custom schedule (overrides steps/scheduler)."}),
+            "latent": ("LATENT", {"tooltip": "Sets the sample size. An image (VAE Encode) is the start of every "
+                                  "rollout, as in KSampler/SamplerCustom: noise scaled to the first sigma is added "
+                                  "to it (img2img with SIGMAS that start below the model's sigma_max). 1 image for "
+                                  "every group, or one per group; an empty latent only sets the size."}),
+            "sigmas": ("SIGMAS", {"tooltip": "A custom schedule (overrides steps/scheduler). It must end at 0 and "
+                                  "have 2 or more steps. One that starts below sigma_max (SplitSigmas second half, "
+                                  "denoise < 1) denoises the LATENT from noise * sigmas[0]; without a LATENT image "
+                                  "it starts from that noise alone, as KSampler does with an empty latent."}),
         }, "hidden": {"prompt": "PROMPT"}}
 
     @classmethod
@@ -147,7 +174,7 @@ class PCPOTrajectorySampler:
         if sigmas is None:
             sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
         sig = torch.as_tensor(sigmas).detach().double().cpu()
-        plan = make_plan(fam, sig, eta, rollout_variant, flow_noise_rule)
+        plan = check_training_schedule(make_plan(fam, sig, eta, rollout_variant, flow_noise_rule))
         shape = latent_shape_for(model, latent, width, height)
         iteration = session.iteration
 
@@ -169,6 +196,7 @@ class PCPOTrajectorySampler:
         else:
             raise ValueError("wire either PCPO Prompts or positive/negative CONDITIONING into the Trajectory Sampler")
 
+        starts = start_latents(model, latent, len(conds))
         G = int(group_size)
         sigma0 = float(sig[0])
         max_denoise = math.isclose(float(ms.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(ms.sigma_max)
@@ -178,7 +206,8 @@ class PCPOTrajectorySampler:
         for g, (pos, neg) in enumerate(conds):
             gen = rollout_generator(seed, iteration, first_group + g)
             noise = torch.randn((1, *shape), generator=gen).repeat(G, *([1] * len(shape)))
-            x_init = ms.noise_scaling(torch.tensor(sigma0), noise, torch.zeros_like(noise), max_denoise)
+            base = torch.zeros_like(noise) if starts[g] is None else starts[g].repeat(G, *([1] * len(shape)))
+            x_init = ms.noise_scaling(torch.tensor(sigma0), noise, base, max_denoise)  # as KSAMPLER.sample
 
             def fn(predict, x_init=x_init, gen=gen):
                 x0 = x_init.to(model.load_device)
@@ -213,13 +242,14 @@ class PCPOTrajectorySampler:
 def pcpo_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                 variant="native", flow_noise_rule="constant"):
     """k-diffusion style sampler function: the PCPO rollout (``comfyui_pcpo.rollout``) without
-    recording."""
+    recording.  ComfyUI drew the initial noise ``x`` from the noise seed; the step noise comes
+    from a seed derived from it (``step_noise_seed``), so it is a different draw."""
     extra_args = {} if extra_args is None else extra_args
     ms = model.inner_model.inner_model.model_sampling
     import comfy.model_sampling as MS
     fam = ModelFamily("flow" if isinstance(ms, MS.CONST) else "diffusion", "", "")
     plan = make_plan(fam, sigmas.detach().double().cpu(), eta, variant, flow_noise_rule)
-    gen = torch.Generator().manual_seed(int(extra_args.get("seed", 0) or 0))
+    gen = torch.Generator().manual_seed(step_noise_seed(int(extra_args.get("seed", 0) or 0)))
     last = {}
 
     def pred(xx, s):
