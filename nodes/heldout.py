@@ -146,6 +146,13 @@ def sample_heldout(session, conds, shape, sigmas, eta, cfg, samples_per_prompt, 
     return torch.cat(finals, 0), float(torch.cat(kls).mean())
 
 
+def training_flow_rule(session) -> str:
+    """The flow noise rule of the run's latest training rollout (the LoRA Update records it in the
+    run's history); ``constant`` before the first update."""
+    history = session.state.history
+    return str(history[-1].get("flow_noise_rule", "constant")) if history else "constant"
+
+
 _LAST: dict = {}  # run name -> latest HeldOut
 
 
@@ -240,14 +247,17 @@ class PCPOHeldOutEvaluation:
 
     @staticmethod
     def run(session, clip, vae, texts, negative, samples_per_prompt, steps, cfg, eta, scheduler, width, height,
-            seed, reward_obj, guard_objs) -> HeldOut:
+            seed, reward_obj, guard_objs, flow_rule=None) -> HeldOut:
+        """``flow_rule``: the flow noise rule (None: the one the run's training rollouts use)."""
         model = session.model
         ms = model.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, int(steps))
         shape = latent_shape_for(model, None, int(width), int(height))
         neg = encode_text(clip, negative)
         conds = [(encode_text(clip, t), neg) for t in texts]
-        latents, kl = sample_heldout(session, conds, shape, sigmas, float(eta), float(cfg), samples_per_prompt, seed)
+        rule = training_flow_rule(session) if flow_rule is None else flow_rule
+        latents, kl = sample_heldout(session, conds, shape, sigmas, float(eta), float(cfg), samples_per_prompt, seed,
+                                     rule)
         images = vae.decode(latents).float().cpu()
         if images.ndim == 5:  # video VAEs: (B, T, H, W, C)
             images = images.reshape(-1, *images.shape[-3:])

@@ -198,7 +198,8 @@ class PCPOLoRAUpdate:
         summary = {k: stats[k] for k in ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm",
                                          "log_approx_error", "zero_std_groups", "first_update_log_ratio")}
         summary.update(objective=objective, reward=rewards.name, skipped_steps=stats["skipped_steps"],
-                       precision=session.options.precision.name)
+                       precision=session.options.precision.name,
+                       flow_noise_rule=str(traj.meta.get("flow_noise_rule", "constant")))
         stalled = gradient_stalled(stats)
         state.stalled_iterations = state.stalled_iterations + 1 if stalled else 0
         state.commit(summary, int(updates_per_rollout), rewards.name, objective)
