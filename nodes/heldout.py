@@ -23,8 +23,8 @@ import comfy.samplers
 import comfy.utils
 
 from comfyui_pcpo import rewards as R
-from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, GuardConfig, GuardState, accept_best, judge,
-                                rollback, save_best, scaled_lr)
+from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, MIN_LR_SCALE, GuardConfig, GuardState,
+                                accept_best, judge, lower_lr, rollback, save_best, scaled_lr)
 from comfyui_pcpo.plan import prediction_from_denoised, step_mean
 from comfyui_pcpo.rewards.base import RewardMix
 from comfyui_pcpo.rollout import transition
@@ -340,7 +340,8 @@ class PCPORewardGuard:
             "action": (list(ACTIONS), {"default": "lower_lr", "tooltip": "After a rollback: stop the loop, lower "
                                        "the learning rate (times lr_factor, from then on), or continue."}),
             "lr_factor": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.05,
-                                    "tooltip": "lower_lr multiplies the learning rate by this at each rollback."}),
+                                    "tooltip": "lower_lr multiplies the learning rate by this at each rollback, "
+                                    "down to 1/64 of the node's value (then it stays there)."}),
             "best_filename": ("STRING", {"default": "pcpo/{run}_best", "tooltip":
                                          "The best LoRA is exported here (inside models/loras; {run} becomes the "
                                          "run name), beside the latest one; empty: not exported."}),
@@ -389,11 +390,15 @@ class PCPORewardGuard:
                 rollback(state, best_path)
                 event["to_iteration"] = gs.best_iteration
                 if action == "lower_lr":
-                    gs.lr_scale *= float(lr_factor)
+                    if not lower_lr(gs, lr_factor):
+                        event["lr_at_floor"] = True
                     apply_guard_lr(session)
                     event["lr"] = scaled_lr(state.settings.learning_rate, gs)
                 session.save_checkpoint()
                 lines.append(f"ROLLBACK at iteration {state.iteration} to iteration {gs.best_iteration}: {reason}")
+                if event.get("lr_at_floor"):
+                    lines.append(f"the learning rate stays at {event['lr']:.3g}, its floor (1/{1 / MIN_LR_SCALE:g} of the "
+                                 "node's value): lower_lr lowers it no further")
             else:
                 lines.append(f"guard tripped at iteration {state.iteration} with no best state yet: {reason}")
             if action == "stop":
