@@ -5,7 +5,9 @@
   iterations that ran one, the held-out evaluation and what the reward-hacking guard did.  Writes are
   idempotent by iteration: writing iteration ``i`` drops every line of iteration ``>= i`` first, so
   after a crash and a resume from an older checkpoint the file follows the run again, and readers
-  keep only the lines up to the run's iteration.  A line cut by a crash is skipped when read.
+  keep only the lines up to the run's iteration.  A line cut by a crash is skipped when read.  The
+  process training the run keeps a :class:`MetricsLog`: it reads the file once, so an iteration
+  costs the same at iteration 10 000 as at iteration 1.
 * :func:`render_dashboard` draws the stats as one RGB image (uint8 array), readable at node size:
   with matplotlib when it is installed, else with Pillow alone (never required); TensorBoard
   scalars are written only when the ``tensorboard`` package is installed (:class:`TensorBoardSink`).
