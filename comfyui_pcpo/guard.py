@@ -12,7 +12,8 @@ After each held-out evaluation (:func:`judge`):
 * on a trip the run is rolled back to the best state -- LoRA, optimizer state, timestep generator
   and gradient scaler, bit for bit (:func:`rollback`) -- while its iteration count and history go on
   (the next rollouts draw new noise), and then the chosen action happens: ``stop`` the loop,
-  ``lower_lr`` (multiply the learning rate by ``lr_factor`` from then on), or ``continue``.
+  ``lower_lr`` (multiply the learning rate by ``lr_factor`` from then on, down to
+  ``MIN_LR_SCALE`` = 1/64 of the node's value), or ``continue``.
 
 The best state is one run-checkpoint file (``best.safetensors`` beside the run checkpoint, the same
 format); the guard's own state (best score and iteration, the guard rewards' references, the
@@ -33,6 +34,7 @@ from .trajectory import atomic_save_safetensors
 ACTIONS = ("stop", "lower_lr", "continue")
 BEST_FILE = "best.safetensors"
 GUARD_FILE = "guard.json"
+MIN_LR_SCALE = 1 / 64  # lower_lr never takes the learning rate below this share of the node's value
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,15 @@ def rollback(state: RunState, path: str) -> None:
     for k, v in kept.items():
         setattr(state, k, v)
     state.saved_iteration = None
+
+
+def lower_lr(gs: GuardState, factor: float) -> bool:
+    """``lower_lr`` after a rollback: multiply the learning-rate scale by ``factor``, never below
+    :data:`MIN_LR_SCALE`.  False when the scale was already at that floor (nothing changed)."""
+    if gs.lr_scale <= MIN_LR_SCALE:
+        return False
+    gs.lr_scale = max(gs.lr_scale * float(factor), MIN_LR_SCALE)
+    return True
 
 
 def scaled_lr(base_lr: float, gs: Optional[GuardState]) -> float:

@@ -5,7 +5,9 @@
   iterations that ran one, the held-out evaluation and what the reward-hacking guard did.  Writes are
   idempotent by iteration: writing iteration ``i`` drops every line of iteration ``>= i`` first, so
   after a crash and a resume from an older checkpoint the file follows the run again, and readers
-  keep only the lines up to the run's iteration.  A line cut by a crash is skipped when read.
+  keep only the lines up to the run's iteration.  A line cut by a crash is skipped when read.  The
+  process training the run keeps a :class:`MetricsLog`: it reads the file once, so an iteration
+  costs the same at iteration 10 000 as at iteration 1.
 * :func:`render_dashboard` draws the stats as one RGB image (uint8 array), readable at node size:
   with matplotlib when it is installed, else with Pillow alone (never required); TensorBoard
   scalars are written only when the ``tensorboard`` package is installed (:class:`TensorBoardSink`).
@@ -72,26 +74,88 @@ def _rewrite(path: str, records: Iterable[dict]) -> None:
 
 def write_metrics(path: str, iteration: int, fields: dict, merge: bool = False) -> dict:
     """Write the record of ``iteration`` (idempotent): lines of later iterations are dropped; with
-    ``merge`` the fields are added to that iteration's existing record.  Returns the record."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    iteration = int(iteration)
-    records = read_metrics(path)
-    rec = {}
-    if merge:
-        rec = next((r for r in records if int(r["iteration"]) == iteration), {})
-    rec = _clean({**rec, **fields, "iteration": iteration})
-    earlier = [r for r in records if int(r["iteration"]) < iteration]
-    if len(earlier) == len(records) and os.path.exists(path):
-        with open(path, "rb+") as f:  # nothing to drop: append (after a newline if a write was cut)
-            f.seek(0, os.SEEK_END)
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
-            f.write((json.dumps(rec, allow_nan=False) + "\n").encode("utf-8"))
-    else:
-        _rewrite(path, earlier + [rec])
-    return rec
+    ``merge`` the fields are added to that iteration's existing record.  Returns the record.  (One
+    read of the file per call: a writer that writes every iteration keeps a :class:`MetricsLog`.)"""
+    return MetricsLog(path).write(iteration, fields, merge)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` of one run, read once and then kept in memory by its only writer (the
+    process training the run): :meth:`records` and :meth:`write` give what :func:`read_metrics` and
+    :func:`write_metrics` give, without reading the file again.  A new iteration's line is appended
+    and a change to the last iteration's line replaces that line in place (the file is rewritten
+    only when later iterations are dropped, after a resume from an older checkpoint)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._records: Optional[dict] = None  # iteration -> record, in iteration order
+        self._last_start = 0                  # byte offset of the last readable line (the last iteration's)
+        self._stamp = None                    # the file as this log last left it (changed by another: reload)
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _load(self) -> dict:
+        if self._records is None or self._stat() != self._stamp:
+            self._records, self._last_start = {}, 0
+            if os.path.exists(self.path):
+                offset = 0
+                with open(self.path, "rb") as f:
+                    for raw in f:
+                        try:
+                            rec = json.loads(raw.decode("utf-8"))
+                            it = int(rec["iteration"])
+                        except (ValueError, KeyError, TypeError):
+                            offset += len(raw)
+                            continue
+                        self._records[it] = rec
+                        self._last_start = offset
+                        offset += len(raw)
+                if list(self._records) != sorted(self._records):  # not written by this class: put in order
+                    self._records = {k: self._records[k] for k in sorted(self._records)}
+                    self._last_start = None
+            self._stamp = self._stat()
+        return self._records
+
+    def records(self, up_to: Optional[int] = None) -> list:
+        return [r for it, r in self._load().items() if up_to is None or it <= up_to]
+
+    def write(self, iteration: int, fields: dict, merge: bool = False) -> dict:
+        records = self._load()
+        iteration = int(iteration)
+        rec = _clean({**(records.get(iteration, {}) if merge else {}), **fields, "iteration": iteration})
+        later = [it for it in records if it >= iteration]
+        line = (json.dumps(rec, allow_nan=False) + "\n").encode("utf-8")
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if not later and os.path.exists(self.path):
+            with open(self.path, "rb+") as f:  # append (after a newline if a write was cut)
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+                self._last_start = f.tell()
+                f.write(line)
+        elif later == [iteration] and self._last_start is not None and os.path.exists(self.path):
+            with open(self.path, "rb+") as f:  # the last iteration's line: replace it in place
+                f.truncate(self._last_start)
+                f.seek(self._last_start)
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            kept = [r for it, r in records.items() if it < iteration]
+            _rewrite(self.path, kept + [rec])
+            self._last_start = sum(len((json.dumps(r, allow_nan=False) + "\n").encode("utf-8")) for r in kept)
+        for it in later:
+            del records[it]
+        records[iteration] = rec
+        self._stamp = self._stat()
+        return rec
 
 
 def truncate_metrics(path: str, iteration: int) -> int:

@@ -31,10 +31,29 @@ SCORE_MIN, SCORE_MAX = 1, 5
 MAX_BODY_BYTES = 64 * 1024
 REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+CLOSED_KEPT = 256  # closed requests remembered, so a late submission is told what became of it
 
 
 class RatingError(ValueError):
     """A submission that does not fit the pending request (answered with HTTP 400)."""
+
+
+class RequestClosed(LookupError):
+    """A submission or cancel for a request that is no longer open (answered with HTTP 409): it was
+    answered, cancelled, timed out, or the run stopped waiting.  ``state`` says which."""
+
+    def __init__(self, state: str, message: str):
+        super().__init__(message)
+        self.state = state
+
+
+CLOSED_MESSAGES = {
+    "rated": "this rating request is already answered",
+    "cancelled": "this rating request was cancelled",
+    "timeout": "this rating request timed out before the rating arrived: the rating was not used (the unrated "
+               "rule scored the groups)",
+    "withdrawn": "the run stopped waiting for this rating request: the rating was not used",
+}
 
 
 @dataclass
@@ -52,6 +71,34 @@ class RatingRequest:
     result: dict | None = None                      # validated ratings once submitted
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    # "pending" until exactly one of: "rated", "cancelled", "timeout", "withdrawn" (then final)
+    state: str = "pending"
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def _close(self, state: str, result: dict | None = None) -> None:
+        """Move from pending to ``state`` (with ``result`` when rated); raises :class:`RequestClosed`
+        when the request was closed before."""
+        with self._lock:
+            if self.state != "pending":
+                raise RequestClosed(self.state, CLOSED_MESSAGES[self.state])
+            self.state, self.result, self.cancelled = state, result, state == "cancelled"
+            self.done.set()
+
+    def answer(self, result: dict) -> None:
+        """Accept a validated rating; only while pending (the waiter then uses exactly it)."""
+        self._close("rated", result)
+
+    def cancel(self) -> None:
+        self._close("cancelled")
+
+    def expire(self, state: str = "timeout") -> str:
+        """Close the request unless a rating or cancel got in first; returns the final state (a
+        rating accepted before this call is kept: "rated")."""
+        try:
+            self._close(state)
+        except RequestClosed:
+            pass
+        return self.state
 
     def public(self) -> dict:
         """What the page gets (no paths, no bytes)."""
@@ -204,14 +251,30 @@ class Registry:
     def __init__(self):
         self._lock = threading.Lock()
         self._pending: dict[str, RatingRequest] = {}
+        self._closed: dict[str, str] = {}  # request id -> final state, of the last CLOSED_KEPT removed
 
     def add(self, req: RatingRequest) -> None:
         with self._lock:
             self._pending[req.request_id] = req
 
     def remove(self, request_id: str) -> None:
+        """Forget a request (still open: closed as withdrawn first); a later submission for it is
+        told what became of it."""
         with self._lock:
-            self._pending.pop(request_id, None)
+            req = self._pending.pop(request_id, None)
+        if req is not None:
+            req.expire("withdrawn")
+            with self._lock:
+                self._closed[request_id] = req.state
+                while len(self._closed) > CLOSED_KEPT:
+                    self._closed.pop(next(iter(self._closed)))
+
+    def _closed_error(self, request_id) -> LookupError:
+        with self._lock:
+            state = self._closed.get(request_id) if isinstance(request_id, str) else None
+        if state is None:
+            return LookupError("no pending rating request with this id")
+        return RequestClosed(state, CLOSED_MESSAGES[state])
 
     def get(self, request_id) -> RatingRequest | None:
         if not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
@@ -221,29 +284,25 @@ class Registry:
 
     def pending(self) -> list:
         with self._lock:
-            return [r for r in self._pending.values() if not r.done.is_set()]
+            return [r for r in self._pending.values() if r.state == "pending"]
 
     def submit(self, payload) -> RatingRequest:
-        req = self.get(payload.get("request_id") if isinstance(payload, dict) else None)
+        """Validate and accept a rating; returning means the waiting run uses it.  A request that is
+        no longer open raises :class:`RequestClosed` (timed out, cancelled, answered, withdrawn)."""
+        rid = payload.get("request_id") if isinstance(payload, dict) else None
+        req = self.get(rid)
         if req is None:
-            raise LookupError("no pending rating request with this id")
-        result = validate_submission(req, payload)
-        with self._lock:
-            if req.done.is_set():
-                raise LookupError("this rating request is already answered")
-            req.result = result
-            req.done.set()
+            raise self._closed_error(rid)
+        if req.state != "pending":
+            raise RequestClosed(req.state, CLOSED_MESSAGES[req.state])
+        req.answer(validate_submission(req, payload))
         return req
 
     def cancel(self, request_id) -> RatingRequest:
         req = self.get(request_id)
         if req is None:
-            raise LookupError("no pending rating request with this id")
-        with self._lock:
-            if req.done.is_set():
-                raise LookupError("this rating request is already answered")
-            req.cancelled = True
-            req.done.set()
+            raise self._closed_error(request_id)
+        req.cancel()
         return req
 
 

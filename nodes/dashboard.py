@@ -16,10 +16,20 @@ import torch
 import folder_paths
 
 from comfyui_pcpo import distributed
-from comfyui_pcpo.metrics import (TensorBoardSink, iteration_record, matplotlib_available, metrics_path, read_metrics,
-                                  render_dashboard, write_metrics)
+from comfyui_pcpo.metrics import (MetricsLog, TensorBoardSink, iteration_record, matplotlib_available, metrics_path,
+                                  read_metrics, render_dashboard)
 
 log = logging.getLogger("comfyui-pcpo")
+
+
+def metrics_log(session) -> MetricsLog:
+    """The run's ``metrics.jsonl``, read once per session and then kept in memory (this process is
+    its only writer)."""
+    path = metrics_path(session.run_dir)
+    log_ = getattr(session, "_pcpo_metrics", None)
+    if log_ is None or log_.path != path:
+        log_ = session._pcpo_metrics = MetricsLog(path)
+    return log_
 
 
 def record_iteration(session, stats: dict) -> dict:
@@ -31,7 +41,7 @@ def record_iteration(session, stats: dict) -> dict:
         lr = float(state.optimizer.param_groups[0]["lr"]) if state.optimizer.param_groups else None
         rec = iteration_record(stats, state.history, {"lr": lr, "optimizer_steps": state.optimizer_steps,
                                                       "reward": state.last_reward, "objective": state.last_objective})
-        rec = write_metrics(metrics_path(session.run_dir), state.iteration, rec)
+        rec = metrics_log(session).write(state.iteration, rec)
         TensorBoardSink.write(session.run_dir, rec)
         return rec
     except OSError as e:
@@ -44,7 +54,7 @@ def merge_metrics(session, fields: dict) -> dict:
     if not distributed.is_writer():
         return {}
     try:
-        rec = write_metrics(metrics_path(session.run_dir), session.state.iteration, fields, merge=True)
+        rec = metrics_log(session).write(session.state.iteration, fields, merge=True)
         TensorBoardSink.write(session.run_dir, {"iteration": rec["iteration"], **fields})
         return rec
     except OSError as e:
@@ -58,12 +68,16 @@ def to_image_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def preview(arr: np.ndarray, prefix: str) -> dict:
-    """Save an image into ComfyUI's temp folder; returns the ``ui.images`` entry that shows it."""
+    """Save an image into ComfyUI's temp folder as ``<prefix>.png`` (one file per prefix, replaced
+    each time: the page's image URLs carry a cache-busting parameter); returns the ``ui.images``
+    entry that shows it."""
     from PIL import Image
     folder = folder_paths.get_temp_directory()
     os.makedirs(folder, exist_ok=True)
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}.png"
-    Image.fromarray(arr).save(os.path.join(folder, name), compress_level=1)
+    name = f"{prefix}.png"
+    tmp = os.path.join(folder, f".{prefix}_{uuid.uuid4().hex[:10]}.png.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
+    os.replace(tmp, os.path.join(folder, name))  # a reader never sees a half-written file
     return {"filename": name, "subfolder": "", "type": "temp"}
 
 
@@ -101,7 +115,10 @@ class PCPODashboard:
     def render(self, session, width, height, stats=None, last_iterations=0, renderer="auto"):
         session = session.live()
         path = metrics_path(session.run_dir)
-        records = read_metrics(path, up_to=session.state.iteration)
+        if distributed.is_writer():  # the writer keeps the records in memory
+            records = metrics_log(session).records(up_to=session.state.iteration)
+        else:
+            records = read_metrics(path, up_to=session.state.iteration)
         if last_iterations and len(records) > last_iterations:
             records = records[-int(last_iterations):]
         if renderer == "matplotlib" and not matplotlib_available():

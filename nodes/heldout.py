@@ -23,8 +23,8 @@ import comfy.samplers
 import comfy.utils
 
 from comfyui_pcpo import rewards as R
-from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, GuardConfig, GuardState, accept_best, judge,
-                                rollback, save_best, scaled_lr)
+from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, MIN_LR_SCALE, GuardConfig, GuardState,
+                                accept_best, judge, lower_lr, rollback, save_best, scaled_lr)
 from comfyui_pcpo.plan import prediction_from_denoised, step_mean
 from comfyui_pcpo.rewards.base import RewardMix
 from comfyui_pcpo.rollout import transition
@@ -146,6 +146,13 @@ def sample_heldout(session, conds, shape, sigmas, eta, cfg, samples_per_prompt, 
     return torch.cat(finals, 0), float(torch.cat(kls).mean())
 
 
+def training_flow_rule(session) -> str:
+    """The flow noise rule of the run's latest training rollout (the LoRA Update records it in the
+    run's history); ``constant`` before the first update."""
+    history = session.state.history
+    return str(history[-1].get("flow_noise_rule", "constant")) if history else "constant"
+
+
 _LAST: dict = {}  # run name -> latest HeldOut
 
 
@@ -240,14 +247,17 @@ class PCPOHeldOutEvaluation:
 
     @staticmethod
     def run(session, clip, vae, texts, negative, samples_per_prompt, steps, cfg, eta, scheduler, width, height,
-            seed, reward_obj, guard_objs) -> HeldOut:
+            seed, reward_obj, guard_objs, flow_rule=None) -> HeldOut:
+        """``flow_rule``: the flow noise rule (None: the one the run's training rollouts use)."""
         model = session.model
         ms = model.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, int(steps))
         shape = latent_shape_for(model, None, int(width), int(height))
         neg = encode_text(clip, negative)
         conds = [(encode_text(clip, t), neg) for t in texts]
-        latents, kl = sample_heldout(session, conds, shape, sigmas, float(eta), float(cfg), samples_per_prompt, seed)
+        rule = training_flow_rule(session) if flow_rule is None else flow_rule
+        latents, kl = sample_heldout(session, conds, shape, sigmas, float(eta), float(cfg), samples_per_prompt, seed,
+                                     rule)
         images = vae.decode(latents).float().cpu()
         if images.ndim == 5:  # video VAEs: (B, T, H, W, C)
             images = images.reshape(-1, *images.shape[-3:])
@@ -330,7 +340,8 @@ class PCPORewardGuard:
             "action": (list(ACTIONS), {"default": "lower_lr", "tooltip": "After a rollback: stop the loop, lower "
                                        "the learning rate (times lr_factor, from then on), or continue."}),
             "lr_factor": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.05,
-                                    "tooltip": "lower_lr multiplies the learning rate by this at each rollback."}),
+                                    "tooltip": "lower_lr multiplies the learning rate by this at each rollback, "
+                                    "down to 1/64 of the node's value (then it stays there)."}),
             "best_filename": ("STRING", {"default": "pcpo/{run}_best", "tooltip":
                                          "The best LoRA is exported here (inside models/loras; {run} becomes the "
                                          "run name), beside the latest one; empty: not exported."}),
@@ -379,11 +390,15 @@ class PCPORewardGuard:
                 rollback(state, best_path)
                 event["to_iteration"] = gs.best_iteration
                 if action == "lower_lr":
-                    gs.lr_scale *= float(lr_factor)
+                    if not lower_lr(gs, lr_factor):
+                        event["lr_at_floor"] = True
                     apply_guard_lr(session)
                     event["lr"] = scaled_lr(state.settings.learning_rate, gs)
                 session.save_checkpoint()
                 lines.append(f"ROLLBACK at iteration {state.iteration} to iteration {gs.best_iteration}: {reason}")
+                if event.get("lr_at_floor"):
+                    lines.append(f"the learning rate stays at {event['lr']:.3g}, its floor (1/{1 / MIN_LR_SCALE:g} of the "
+                                 "node's value): lower_lr lowers it no further")
             else:
                 lines.append(f"guard tripped at iteration {state.iteration} with no best state yet: {reason}")
             if action == "stop":

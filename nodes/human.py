@@ -44,22 +44,25 @@ def to_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def wait_for_rating(req: H.RatingRequest, node_id=None) -> str:
+def wait_for_rating(req: H.RatingRequest, node_id=None, clock=time.monotonic) -> str:
     """Block until the page answers ``req``, it times out, or the run is cancelled (raises the
-    host's interrupt).  Returns "rated" or "timeout"."""
+    host's interrupt).  Returns "rated" or "timeout".  The timeout closes the request first
+    (:meth:`RatingRequest.expire`): a rating accepted before is used, one after is refused."""
     total = max(1, int(round(req.timeout_s)))
     pbar = comfy.utils.ProgressBar(total, node_id=node_id) if node_id is not None else comfy.utils.ProgressBar(total)
-    start = time.monotonic()
+    start = clock()
     last = -1
     while not req.done.wait(POLL_S):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        elapsed = time.monotonic() - start
+        elapsed = clock() - start
         if elapsed >= req.timeout_s:
-            return "timeout"
+            if req.expire() == "timeout":
+                return "timeout"
+            break  # answered (or cancelled) just before the timeout
         if int(elapsed) != last:
             last = int(elapsed)
             pbar.update_absolute(min(last, total), total)
-    if req.cancelled:
+    if req.state == "cancelled":
         raise comfy.model_management.InterruptProcessingException()
     pbar.update_absolute(total, total)
     return "rated"

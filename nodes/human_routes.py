@@ -5,6 +5,9 @@
     POST /pcpo/ratings/submit   {"request_id", "ratings": {group: {"best","worst"} | {"scores"}}}
     POST /pcpo/ratings/cancel   {"request_id"}        cancels the run waiting on it
 
+A 200 to a submission means the waiting run uses that rating; a request that timed out, was
+cancelled, answered, or given up by its run is answered 409 ``{"error", "state", "used": false}``.
+
 Only the request ids this process issued are accepted, every field is validated
 (``comfyui_pcpo.ratings.validate_submission``), and anything else is answered with a 4xx.  Nothing a
 client sends is used to build a file path: images are served from the request's own memory.
@@ -55,6 +58,9 @@ def register(routes) -> None:
     def error(status: int, message: str):
         return web.json_response({"error": message}, status=status)
 
+    def closed(e: H.RequestClosed):  # the request is no longer open: nothing sent is used
+        return web.json_response({"error": str(e), "state": e.state, "used": False}, status=409)
+
     async def read_json(request):
         if request.content_type != "application/json":
             return None, error(415, "send application/json")
@@ -89,11 +95,14 @@ def register(routes) -> None:
             return err
         try:
             req = REGISTRY.submit(payload)
+        except H.RequestClosed as e:
+            return closed(e)
         except LookupError as e:
-            return error(404 if "no pending" in str(e) else 409, str(e))
+            return error(404, str(e))
         except H.RatingError as e:
             return error(400, str(e))
-        return web.json_response({"ok": True, "request_id": req.request_id, "rated_groups": sorted(req.result)})
+        return web.json_response({"ok": True, "used": True, "request_id": req.request_id,
+                                  "rated_groups": sorted(req.result)})
 
     @routes.post("/pcpo/ratings/cancel")
     async def cancel(request):
@@ -104,8 +113,10 @@ def register(routes) -> None:
             return error(400, "send exactly {\"request_id\": ...}")
         try:
             req = REGISTRY.cancel(payload["request_id"])
+        except H.RequestClosed as e:
+            return closed(e)
         except LookupError as e:
-            return error(404 if "no pending" in str(e) else 409, str(e))
+            return error(404, str(e))
         return web.json_response({"ok": True, "request_id": req.request_id})
 
 

@@ -34,7 +34,10 @@ def gradient_stalled(stats: dict) -> bool:
         return False  # every group scored its samples alike: a zero gradient is correct
     norms = stats.get("grad_norms") or [stats["grad_norm"]]
     usable = [n for n in norms if n > 0 and math.isfinite(n)]
-    return len(usable) <= stats.get("skipped_steps", 0) or not usable
+    # a step skipped for overflow has a non-finite norm, so it is already not usable: only skipped
+    # steps beyond the non-finite norms can hide among the usable ones
+    hidden = max(0, stats.get("skipped_steps", 0) - sum(not math.isfinite(n) for n in norms))
+    return len(usable) <= hidden
 
 
 LOW_ETA = 0.3     # below this the policy ratio is ill-conditioned (weights grow as 1 / noise level)
@@ -195,7 +198,8 @@ class PCPOLoRAUpdate:
         summary = {k: stats[k] for k in ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm",
                                          "log_approx_error", "zero_std_groups", "first_update_log_ratio")}
         summary.update(objective=objective, reward=rewards.name, skipped_steps=stats["skipped_steps"],
-                       precision=session.options.precision.name)
+                       precision=session.options.precision.name,
+                       flow_noise_rule=str(traj.meta.get("flow_noise_rule", "constant")))
         stalled = gradient_stalled(stats)
         state.stalled_iterations = state.stalled_iterations + 1 if stalled else 0
         state.commit(summary, int(updates_per_rollout), rewards.name, objective)

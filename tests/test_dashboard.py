@@ -166,3 +166,80 @@ def test_demo_workflow_evaluates_guards_and_draws(pcpo, comfy, comfy_dirs):
     assert rec["reward_mean"] == stats["reward_mean"] and rec["grad_norm"] == stats["grad_norm"]
     assert rec["heldout_reward"] == held.reward and rec["heldout_guard"] == held.guards
     assert rec["guard_best_iteration"] == 1
+
+
+def _count_metrics_reads(monkeypatch, module):
+    """Opens of a metrics.jsonl for reading by ``module`` (its own ``open`` name only)."""
+    import builtins
+    reads = []
+
+    def counting_open(file, mode="r", *a, **kw):
+        if str(file).endswith("metrics.jsonl") and "r" in mode and "+" not in mode:
+            reads.append(str(file))
+        return builtins.open(file, mode, *a, **kw)
+
+    monkeypatch.setattr(module, "open", counting_open, raising=False)
+    return reads
+
+
+def test_metrics_log_reads_the_file_once_and_writes_what_write_metrics_writes(tmp_path, monkeypatch):
+    """A MetricsLog reads metrics.jsonl once, then appends / replaces the last line in memory and on
+    disk: the file reads back as the same records as write_metrics gives, cut lines included."""
+    import comfyui_pcpo.metrics as M
+    path = str(tmp_path / "run" / "metrics.jsonl")
+    write_metrics(path, 1, {"reward_mean": 0.1})
+    with open(path, "a") as f:
+        f.write('{"iteration": 2, "reward')  # a write cut by a crash
+    steps = [(2, {"reward_mean": 0.2}, False), (2, {"heldout_reward": 0.5}, True), (3, {"reward_mean": 0.3}, False),
+             (3, {"rollback": {"to_iteration": 2}}, True), (3, {"reward_mean": 0.35}, False),
+             (4, {"reward_mean": float("nan"), "s": "é"}, False), (4, {"guard_best": 0.5}, True),
+             (2, {"reward_mean": 0.25}, False),  # resumed from iteration 1: lines 2.. go
+             (3, {"reward_mean": 0.4}, False)] + [(i, {"reward_mean": i / 100}, False) for i in range(4, 40)]
+    reads = _count_metrics_reads(monkeypatch, M)
+    log = M.MetricsLog(path)
+    for it, fields, merge in steps:
+        got = log.write(it, fields, merge)
+        assert log.records() == log.records(up_to=None) and log.records()[-1] == got
+    assert len(reads) == 1 and log.records(up_to=3) == log.records()[:3]
+    monkeypatch.undo()
+    want = {1: {"reward_mean": 0.1, "iteration": 1}}  # what the file means: one record per iteration
+    for it, fields, merge in steps:
+        rec = {**(want.get(it, {}) if merge else {}), **fields, "iteration": it}
+        want = {k: v for k, v in want.items() if k < it}
+        want[it] = json.loads(json.dumps(rec).replace("NaN", "null"))
+    assert read_metrics(path) == [want[k] for k in sorted(want)] == log.records()
+    assert [r["iteration"] for r in read_metrics(path)] == list(range(1, 40))
+    assert read_metrics(path)[1] == {"iteration": 2, "reward_mean": 0.25}
+    # another writer changed the file: the log reads it again
+    write_metrics(path, 40, {"reward_mean": 1.0})
+    assert log.records()[-1] == {"iteration": 40, "reward_mean": 1.0}
+
+
+def test_training_does_not_reread_metrics_and_keeps_one_preview_file(pcpo, tiny, comfy_dirs, monkeypatch):
+    """Iterations, held-out style merges and dashboard renders: metrics.jsonl is not read again
+    (the records come from memory and equal the file), and the dashboard preview is one temp file
+    per run, replaced each time."""
+    import sys
+    from test_run_exact import create, inference_model, iterate
+    dash = pcpo.mod("nodes.dashboard")
+    reads = _count_metrics_reads(monkeypatch, sys.modules[dash.render_dashboard.__module__])
+    tm = inference_model(tiny)
+    sess = create(pcpo, tm, "no_reread")
+    shown = []
+    for i in range(3):
+        iterate(pcpo, tm, sess)
+        dash.merge_metrics(sess, {"heldout_reward": 0.1 * i})
+        with torch.inference_mode():
+            out = pcpo.nodes["PCPODashboard"]().render(sess, 320, 256)
+        shown.append(out["ui"]["images"][0])
+    assert reads == []
+    monkeypatch.undo()
+    path = metrics_path(sess.run_dir)
+    recs = read_metrics(path)
+    assert [r["iteration"] for r in recs] == [1, 2, 3] and [r["heldout_reward"] for r in recs] == [0.0, 0.1, 0.2]
+    assert dash.metrics_log(sess).records() == recs
+    temp = [f for f in os.listdir(comfy_dirs["temp"]) if "no_reread" in f]
+    assert temp == ["pcpo_dashboard_no_reread.png"] and all(s["filename"] == temp[0] for s in shown)
+    from PIL import Image
+    last = np.asarray(Image.open(os.path.join(comfy_dirs["temp"], temp[0])).convert("RGB"))
+    assert torch.equal(torch.from_numpy(last.copy()).float().div(255).unsqueeze(0), out["result"][0])

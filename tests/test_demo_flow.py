@@ -63,3 +63,27 @@ def test_two_pcpo_iterations_on_the_flow_model_change_the_lora(pcpo):
     after = [p.detach() for p in sess.params()]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.isfinite(a).all() for a in after)
+
+
+def test_heldout_evaluation_samples_with_the_training_noise_rule(pcpo, comfy_dirs):
+    """A run trained with the flow-grpo noise rule is evaluated with it (not the constant rule)."""
+    model, clip, vae = _load(pcpo)
+    _, sess = pcpo.nodes["PCPOLoRA"]().create(model, "demo_flow_heldout", 4, 4.0, "attention", 1e-3, "AdamW", 0.0,
+                                              0, False)
+    text, encode = "a red circle on a blue background", pcpo.mod("nodes.prompts").encode_text
+    with torch.inference_mode():
+        lat, batch = pcpo.nodes["PCPOTrajectorySampler"]().sample(sess, 4, 4.0, 2, 0, 0.7, "native", "flow-grpo",
+                                                                  "simple", 32, 32, 1, positive=encode(clip, text),
+                                                                  negative=encode(clip, ""))
+        rw, _ = pcpo.nodes["PCPORewardScorer"]().score(vae.decode(lat["samples"]), batch, "brightness")
+        pcpo.nodes["PCPOLoRAUpdate"]().update(sess, batch, rw, "pcpo", 1e-4, 5.0, 1.0, 2, 1.0, 1, 1, 10)
+        node = pcpo.nodes["PCPOHeldOutEvaluation"]
+        held = node().evaluate(sess, clip, vae, text, "", 1, 2, 4, 4.0, 0.7, "simple", 32, 32, 7, "brightness",
+                               "(none)")["result"][0]
+        from comfyui_pcpo import rewards
+        args = (sess, clip, vae, [text], "", 2, 4, 4.0, 0.7, "simple", 32, 32, 7, rewards.builtin_reward("brightness"),
+                [])
+        grpo, constant = node.run(*args, flow_rule="flow-grpo"), node.run(*args, flow_rule="constant")
+    assert held.fresh and held.iteration == 1
+    assert not torch.equal(grpo.images, constant.images)
+    assert torch.equal(held.images, grpo.images) and held.kl_base == grpo.kl_base

@@ -207,6 +207,32 @@ def test_guard_rolls_back_a_hacked_run_exactly(pcpo, demo):
     assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
 
 
+def test_lower_lr_stops_at_its_floor(pcpo, demo):
+    """Every trip halves the learning rate down to 1/64 of the node's value, then no further (and
+    the report and the warning say so)."""
+    from comfyui_pcpo.guard import MIN_LR_SCALE, lower_lr
+    gs = GuardState()
+    assert lower_lr(gs, 0.1) and lower_lr(gs, 0.1) and gs.lr_scale == MIN_LR_SCALE == 1 / 64
+    assert not lower_lr(gs, 0.1) and gs.lr_scale == MIN_LR_SCALE
+    model, clip, vae = demo
+    sess = _session(pcpo, model, "lr_floor", 1e-2)
+    H = pcpo.mod("nodes.heldout")
+    assert _guard(pcpo, sess, H.HeldOut(sess.run_name, sess.iteration, True, 0.5, "brightness", {}, 0.0, [], []),
+                  best="")["new_best"]
+    low = H.HeldOut(sess.run_name, sess.iteration, True, -1.0, "brightness", {}, 0.0, [], [])
+    scales = []
+    for _ in range(8):
+        with torch.inference_mode():
+            out = pcpo.nodes["PCPORewardGuard"]().guard(sess, low, 0.5, 0.01, 0.0, "lower_lr", 0.5, "", "fp32")
+        rep = json.loads(out["result"][0])
+        scales.append(rep["lr_scale"])
+    assert scales == [0.5 ** k for k in range(1, 7)] + [1 / 64, 1 / 64]
+    assert rep["rollback"]["lr_at_floor"] and rep["rollback"]["lr"] == pytest.approx(1e-2 / 64)
+    assert any("floor" in t for t in out["ui"]["text"])
+    assert sess.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 64)
+    assert json.load(open(os.path.join(sess.run_dir, "guard.json")))["lr_scale"] == 1 / 64
+
+
 @pytest.mark.parametrize("action", ["stop", "continue"])
 def test_guard_actions(pcpo, demo, action):
     """A held-out reward far below the best: rollback, then the chosen action (stop drops the loop's

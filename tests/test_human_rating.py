@@ -87,6 +87,105 @@ def test_good_submissions_and_the_registry():
     assert "/" not in public.replace("request_id", "")  # no paths go to the page
 
 
+def _rating(req):
+    return {"request_id": req.request_id, "ratings": {"0": {"best": "a" * 16, "worst": "b" * 16}}}
+
+
+def test_a_rating_after_the_timeout_is_refused_and_one_before_it_is_used():
+    """The timeout closes the request: a submission after it is refused (RequestClosed, nothing
+    stored), also once the request is forgotten; a rating accepted before the timeout stays."""
+    reg = H.Registry()
+    late = _req()
+    reg.add(late)
+    assert late.expire() == "timeout" and late.done.is_set()
+    with pytest.raises(H.RequestClosed, match="timed out") as e:
+        reg.submit(_rating(late))
+    assert e.value.state == "timeout" and late.result is None and reg.pending() == []
+    reg.remove(late.request_id)
+    with pytest.raises(H.RequestClosed, match="not used"):
+        reg.submit(_rating(late))
+    with pytest.raises(H.RequestClosed):
+        reg.cancel(late.request_id)
+    early = _req()
+    reg.add(early)
+    reg.submit(_rating(early))
+    assert early.expire() == "rated"  # the rating got in first: it stays
+    assert early.state == "rated" and early.result == {0: {"best": "a" * 16, "worst": "b" * 16}}
+    gone = _req()
+    reg.add(gone)
+    reg.remove(gone.request_id)  # the run stopped waiting (interrupted)
+    with pytest.raises(H.RequestClosed) as e:
+        reg.submit(_rating(gone))
+    assert e.value.state == "withdrawn" and gone.result is None
+
+
+def test_the_timeout_and_a_rating_arriving_with_it(pcpo):
+    """wait_for_rating with a controlled clock: a rating that arrives as the timeout is reached is
+    used ("rated"); after a timeout the submission is refused."""
+    human = pcpo.mod("nodes.human")
+    reg = H.Registry()
+    req = _req()
+    req.timeout_s = 5
+    reg.add(req)
+    calls = []
+
+    def clock():  # the start, then the timeout check: the rating arrives right then
+        calls.append(1)
+        if len(calls) == 2:
+            reg.submit(_rating(req))
+        return 0.0 if len(calls) == 1 else 5.0
+
+    assert human.wait_for_rating(req, clock=clock) == "rated"
+    assert req.result == {0: {"best": "a" * 16, "worst": "b" * 16}}
+    late = _req()
+    late.timeout_s = 5
+    reg.add(late)
+    ticks = iter([0.0, 5.0])
+    assert human.wait_for_rating(late, clock=lambda: next(ticks)) == "timeout"
+    with pytest.raises(H.RequestClosed, match="timed out"):
+        reg.submit(_rating(late))
+    assert late.result is None
+
+
+def test_rating_routes_answer_what_happened_to_a_submission(pcpo):
+    """Through the server routes: 200 (used) while pending, 409 with the reason once timed out,
+    also after the run forgot the request."""
+    import asyncio
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    routes_mod = pcpo.mod("nodes.human_routes")
+    human = pcpo.mod("nodes.human")
+
+    async def scenario():
+        routes = web.RouteTableDef()
+        routes_mod.register(routes)
+        app = web.Application()
+        app.add_routes(routes)
+        on_time, late = _req(), _req()
+        for r in (on_time, late):
+            routes_mod.REGISTRY.add(r)
+        async with TestClient(TestServer(app)) as client:
+            ok = await client.post("/pcpo/ratings/submit", json=_rating(on_time))
+            body_ok = await ok.json()
+            late.timeout_s = 0.2
+            assert human.wait_for_rating(late) == "timeout"  # the run's timeout fired, the request still listed
+            refused = await client.post("/pcpo/ratings/submit", json=_rating(late))
+            body_refused = await refused.json()
+            routes_mod.retire(late)
+            after = await client.post("/pcpo/ratings/submit", json=_rating(late))
+            body_after = await after.json()
+            cancel = await client.post("/pcpo/ratings/cancel", json={"request_id": late.request_id})
+        routes_mod.retire(on_time)
+        return (ok.status, body_ok, refused.status, body_refused, after.status, body_after, cancel.status,
+                on_time, late)
+
+    ok, body_ok, refused, body_refused, after, body_after, cancel, on_time, late = asyncio.run(scenario())
+    assert refused == 409 and body_refused["state"] == "timeout" and body_refused["used"] is False
+    assert ok == 200 and body_ok["used"] is True and on_time.result == {0: {"best": "a" * 16, "worst": "b" * 16}}
+    assert "timed out" in body_refused["error"] and late.result is None
+    assert after == 409 and body_after["state"] == "timeout" and cancel == 409
+
+
 def test_rewards_from_ratings_calibration_and_unrated_groups():
     gids = [0, 0, 0, 1, 1, 1, 2, 2, 2]
     ids = [f"{i:016x}" for i in range(9)]

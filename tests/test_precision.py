@@ -217,6 +217,26 @@ def test_a_run_without_usable_gradient_stops_with_a_clear_error(pcpo, tiny, comf
     assert fresh.iteration == 3 and stats["warnings"] == []
 
 
+def test_a_skipped_step_is_not_counted_twice_as_a_stall(pcpo, tiny, comfy_dirs):
+    """One fp16 step applied and one skipped for overflow: the iteration has a usable gradient (no
+    warning, the stall counter stays 0); all steps skipped or zero is a stall."""
+    stalled = pcpo.mod("nodes.update").gradient_stalled
+    base = {"zero_std_groups": 0, "groups": 2, "grad_norm": float("inf")}
+    assert not stalled({**base, "grad_norms": [0.5, float("inf")], "skipped_steps": 1})
+    assert not stalled({**base, "grad_norms": [float("nan"), 0.5], "skipped_steps": 1})
+    assert stalled({**base, "grad_norms": [float("inf"), float("inf")], "skipped_steps": 2})
+    assert stalled({**base, "grad_norms": [0.0, float("inf")], "skipped_steps": 1})
+    tm = build(tiny, "sd15")
+    sess = session(pcpo, tm, "one_skip", "fp16")
+    scaler_state = sess.state.grad_scaler.state_dict()
+    # the first step fits this scale; after it the gradient is larger and the second step overflows
+    sess.state.grad_scaler.load_state_dict({**scaler_state, "scale": 2.0 ** 17})
+    delta, stats = one_update(pcpo, tm, sess, 8, updates=2)
+    assert stats["skipped_steps"] == 1 and delta.abs().max() > 0  # one step was applied
+    assert not any("no usable gradient" in w for w in stats["warnings"])
+    assert sess.state.stalled_iterations == 0
+
+
 def test_partial_load_is_refused_and_adapters_never_move(pcpo, tiny, comfy_dirs):
     import comfy.model_patcher
     glue = pcpo.mod("nodes.glue")
