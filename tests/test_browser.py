@@ -6,6 +6,9 @@ for the module; screenshots of each step go to the module's temp folder (printed
 * the PCPO nodes are registered in the page with their display names and listed in the node library;
 * every shipped UI workflow loads with no missing-node dialog (a workflow with an unknown node does
   show it) and with every widget value where the JSON puts it; learning rate and clip range take 5e-6;
+* a PCPO LoRA, Trajectory Sampler, Prompts or Held-out Evaluation added from the node menu has its
+  seed's control after generate on fixed (a workflow keeps its stored value), and the demo with a
+  PCPO LoRA added from the menu trains on both of two presses of Run;
 * the demo workflow queued with the page's Run button trains 2 iterations (the re-queue shows in the
   queue, progress shows on the nodes, the stats and the running mean appear on the Update node and
   the path on the Export node), and the page's Cancel stops a longer run;
@@ -133,6 +136,15 @@ class Page:
             return null;""", list(labels))
         assert ok, f"no visible button labelled {labels}"
         return ok
+
+    def add_node(self, type_: str, pos=(100, 100)) -> int:
+        """Add a node the way the node menu and the search box do (LiteGraph.createNode, graph.add)."""
+        return self.js("const n = LiteGraph.createNode(arguments[0]); n.pos = arguments[1];"
+                       "app.graph.add(n); app.graph.setDirtyCanvas(true, true); return n.id;", type_, list(pos))
+
+    def widget_values(self, node_id: int) -> dict:
+        return self.js("return Object.fromEntries(app.graph.getNodeById(arguments[0]).widgets"
+                       ".filter(w => w.name !== 'pcpo_status').map(w => [w.name, w.value]))", node_id)
 
     def node_text(self, node_id: int) -> str:
         return self.js("const e = document.querySelector(`.pcpo-node-text[data-node-id=\"${arguments[0]}\"]`);"
@@ -319,6 +331,68 @@ def test_small_learning_rates_and_clip_ranges_can_be_entered(page):
         assert value == pytest.approx(5e-6, rel=1e-6), (name, got)
         if precision is not None:
             assert precision >= 6, (name, got)
+
+
+# --------------------------------------------------------------------------- seeds
+
+SEEDED = ("PCPOLoRA", "PCPOTrajectorySampler", "PCPOPrompts", "PCPOHeldOutEvaluation")
+
+
+def test_pcpo_nodes_added_from_the_menu_keep_their_seed_and_workflows_keep_their_control(page):
+    """The frontend sets every seed's control after generate to randomize; the pack's start at fixed.
+    A workflow's stored control value still wins when it loads."""
+    page.load(_read(WORKFLOWS / "demo_tiny_pcpo.json"))
+    for type_ in SEEDED:
+        values = page.widget_values(page.add_node(type_))
+        assert values.get("control_after_generate") == "fixed", (type_, values)
+    # a stock node keeps the frontend's default
+    assert page.widget_values(page.add_node("KSampler"))["control_after_generate"] == "randomize"
+    wf = _read(WORKFLOWS / "demo_tiny_pcpo.json")
+    lora = _node_of(wf, "PCPOLoRA")
+    i = lora["widgets_values"].index("fixed")
+    lora["widgets_values"][i] = "randomize"
+    page.load(wf)
+    assert page.widget_values(lora["id"])["control_after_generate"] == "randomize"
+
+
+def test_run_pressed_twice_with_a_pcpo_lora_added_from_the_menu_trains_both_times(page):
+    """The demo with its PCPO LoRA replaced by one added from the menu: the second Run continues the run
+    (a randomized seed would be refused: the run's seed cannot change)."""
+    run = f"browser_seed_{uuid.uuid4().hex[:6]}"
+    page.load(_read(WORKFLOWS / "demo_tiny_pcpo.json"))
+    lora = page.js("""
+        const old = app.graph.getNodeById(2), fresh = LiteGraph.createNode('PCPOLoRA');
+        fresh.pos = [old.pos[0], old.pos[1]];
+        const outs = old.outputs.map((o, slot) => (o.links || []).map(id => {
+          const l = app.graph.links[id] ?? app.graph.links.get?.(id); return [slot, l.target_id, l.target_slot]; }));
+        const src = app.graph.links[old.inputs[0].link] ?? app.graph.links.get?.(old.inputs[0].link);
+        app.graph.remove(old);
+        app.graph.add(fresh);
+        app.graph.getNodeById(src.origin_id).connect(src.origin_slot, fresh, 0);
+        for (const [slot, target, tslot] of outs.flat()) fresh.connect(slot, app.graph.getNodeById(target), tslot);
+        return fresh.id;""")
+    page.set_widgets(lora, {"run_name": run, "rank": 4, "alpha": 4.0, "target_layers": "attention+mlp"})
+    page.set_widgets(3, {"prompts_per_iteration": 2})
+    page.set_widgets(4, {"steps": 4, "group_size": 4})
+    page.set_widgets(7, {"iterations_per_queue": 1, "checkpoint_every": 1, "micro_batch": 4})
+    page.set_widgets(8, {"filename": "pcpo/{run}"})
+    seed = page.widget_values(lora)["seed"]
+    for press in (1, 2):
+        page.button("Run", "Queue Prompt", "Queue")
+        page.wait(f"press {press} to be queued", lambda: len(_mine(page, run)) >= press, timeout=30)
+        _wait_idle(page)
+    mine = _mine(page, run)
+    assert [h["status"]["status_str"] for h in mine] == ["success", "success"], \
+        [m[1].get("exception_message") for h in mine for m in h["status"].get("messages", [])
+         if m[0] == "execution_error"]
+    assert page.widget_values(lora)["seed"] == seed
+    ckpt = page.base / "output" / "pcpo" / run / "checkpoint.safetensors"
+    assert _safetensors_metadata(ckpt)["iteration"] == "2"
+
+
+def _mine(page, run: str) -> list:
+    history = page.server.get("/history")
+    return [h for h in history.values() if run in json.dumps(h["prompt"][2])]
 
 
 # --------------------------------------------------------------------------- the demo from the page
