@@ -3,12 +3,14 @@ the tiny stand-in pack, and the ComfyUI page in headless Chromium (Debian's chro
 chromium-driver, installed by tools/env.sh) driven through WebDriver.  One server and one browser
 for the module; screenshots of each step go to the module's temp folder (printed at the end).
 
-* the PCPO nodes are registered in the page with their display names and listed in the node library;
+* the PCPO nodes are registered in the page with their display names and listed in the node library,
+  whose preview shows a description's run folder (output/pcpo/RUN_NAME/) in full;
 * every shipped UI workflow loads with no missing-node dialog (a workflow with an unknown node does
   show it) and with every widget value where the JSON puts it; learning rate and clip range take 5e-6;
 * a PCPO LoRA, Trajectory Sampler, Prompts or Held-out Evaluation added from the node menu has its
   seed's control after generate on fixed (a workflow keeps its stored value), and the demo with a
-  PCPO LoRA added from the menu trains on both of two presses of Run;
+  PCPO LoRA added from the menu trains on both of two presses of Run, and its Update node explains
+  the stats line (clip, kl, grad, zero-std groups) in its text and hover tooltip;
 * the demo workflow queued with the page's Run button trains 2 iterations (the re-queue shows in the
   queue, progress shows on the nodes, the stats and the running mean appear on the Update node and
   the path on the Export node), and the page's Cancel stops a longer run;
@@ -245,10 +247,20 @@ def test_pcpo_nodes_are_in_the_node_library_with_their_display_names(page):
                  if (e.innerText && e.innerText.trim() === 'PCPO') { e.click(); break; } }""")
     visible = page.wait("the PCPO nodes listed", lambda: (lambda t: t if "PCPO Human Rating" in t else None)(
         page.js("return document.body.innerText")), timeout=20)
-    for name in ("PCPO LoRA", "PCPO Trajectory Sampler", "PCPO Reward Scorer", "PCPO Human Rating",
-                 "PCPO LoRA Update", "PCPO Export LoRA"):
+    for name in ("PCPO LoRA", "PCPO Trajectory Sampler", "PCPO SDE Sampler (for SamplerCustom)", "PCPO Reward Scorer",
+                 "PCPO Human Rating", "PCPO LoRA Update", "PCPO Export LoRA"):
         assert name in visible, f"{name} not in the node library"
     page.shot("node_library")
+    # hovering a node shows its preview, the description rendered as HTML: the run folder reads in full
+    from selenium.webdriver.common.action_chains import ActionChains
+    leaf = page.js("""return [...document.querySelectorAll('.p-tree-node-label, .p-treenode-label, .node-label, span')]
+                        .find(e => e.offsetParent !== null && e.innerText && e.innerText.trim() === 'PCPO LoRA')""")
+    assert leaf is not None, "PCPO LoRA is not a visible entry of the node library"
+    ActionChains(page.d).move_to_element(leaf).perform()
+    preview = page.wait("the node preview", lambda: page.js(
+        "const e = document.querySelector('._sb_description'); return e && e.innerText"), timeout=10)
+    assert "output/pcpo/RUN_NAME/" in preview, preview
+    page.shot("node_library_preview")
     page.button("Node Library (n)", "Node Library")  # close the sidebar again
 
 
@@ -388,6 +400,12 @@ def test_run_pressed_twice_with_a_pcpo_lora_added_from_the_menu_trains_both_time
     assert page.widget_values(lora)["seed"] == seed
     ckpt = page.base / "output" / "pcpo" / run / "checkpoint.safetensors"
     assert _safetensors_metadata(ckpt)["iteration"] == "2"
+    # the Update node explains its stats line, in the text and as its hover tooltip
+    text = page.node_text(7)
+    assert "iteration 2/" in text and "zero-std groups" in text, text
+    title = page.js("return document.querySelector('.pcpo-node-text[data-node-id=\"7\"]').title")
+    for term in ("clip = ", "kl = ", "grad = ", "zero-std groups = "):
+        assert term in text and term in title, (term, text, title)
 
 
 def _mine(page, run: str) -> list:

@@ -33,6 +33,13 @@ function nodeText(node) {
   return el;
 }
 
+// what the Update node's stats line means, for the node text and its hover tooltip
+const STATS_LEGEND =
+  "what the numbers mean: clip = share of image steps the update held back at clip_range (stays near 1: " +
+  "raise clip_range) · kl = how far this update moved the LoRA (above 0.1: lower the learning rate) · " +
+  "grad = size of the update before grad_clip · zero-std groups = prompts whose images all got the same " +
+  "reward, which teach the LoRA nothing (many: a larger group_size or a reward that tells them apart)";
+
 function showOnNode(node, message) {
   if (!message) return;
   const lines = [];
@@ -43,6 +50,10 @@ function showOnNode(node, message) {
   }
   for (const t of message.text || []) lines.push(String(t));
   const el = nodeText(node);
+  if (node.type === "PCPOLoRAUpdate" && lines.some((l) => l.includes("zero-std groups"))) {
+    lines.push(STATS_LEGEND);
+    el.title = STATS_LEGEND;
+  }
   el.textContent = lines.join("\n");
   node.setDirtyCanvas?.(true, true);
 }
