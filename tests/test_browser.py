@@ -253,12 +253,18 @@ def test_pcpo_nodes_are_in_the_node_library_with_their_display_names(page):
     page.shot("node_library")
     # hovering a node shows its preview, the description rendered as HTML: the run folder reads in full
     from selenium.webdriver.common.action_chains import ActionChains
-    leaf = page.js("""return [...document.querySelectorAll('.p-tree-node-label, .p-treenode-label, .node-label, span')]
-                        .find(e => e.offsetParent !== null && e.innerText && e.innerText.trim() === 'PCPO LoRA')""")
-    assert leaf is not None, "PCPO LoRA is not a visible entry of the node library"
-    ActionChains(page.d).move_to_element(leaf).perform()
+    find_leaf = """const es = [...document.querySelectorAll('*')].filter(e => e.offsetParent !== null
+                     && e.children.length === 0 && (e.innerText || '').trim() === 'PCPO LoRA');
+                   const e = es[es.length - 1]; if (e && arguments[0]) e.scrollIntoView({block: 'center'}); return e;"""
+    assert page.js(find_leaf, True) is not None, "PCPO LoRA is not a visible entry of the node library"
+    time.sleep(0.5)  # the 1.49 library is a virtual list: it re-renders its rows after scrolling
+    ActionChains(page.d).move_to_element(page.js(find_leaf, False)).perform()
+    # the preview's description (frontend 1.32: ._sb_description; 1.49: a paragraph of the preview card)
     preview = page.wait("the node preview", lambda: page.js(
-        "const e = document.querySelector('._sb_description'); return e && e.innerText"), timeout=10)
+        """const es = [...document.querySelectorAll('*')].filter(e => e.offsetParent !== null
+             && (e.innerText || '').includes('Starts (or resumes) a PCPO training run'));
+           es.sort((a, b) => a.innerText.length - b.innerText.length); return es.length && es[0].innerText"""),
+        timeout=10)
     assert "output/pcpo/RUN_NAME/" in preview, preview
     page.shot("node_library_preview")
     page.button("Node Library (n)", "Node Library")  # close the sidebar again
