@@ -82,6 +82,15 @@ class RunSettings:
         return [k for k in FIXED_SETTINGS if getattr(self, k) != getattr(other, k)]
 
 
+SEED_HINT = (" A seed that changes on every press of Run comes from the seed's 'control after generate' "
+             "widget: set 'control after generate' to fixed.")
+
+
+def _seed_hint(changed: list) -> str:
+    """The fix for a changed seed (the page's randomize control), if the seed is among ``changed``."""
+    return SEED_HINT if "seed" in changed else ""
+
+
 def make_optimizer(params, s: RunSettings) -> torch.optim.Optimizer:
     """The run's optimizer (created outside inference mode so its state can be updated in place)."""
     params = list(params)
@@ -149,7 +158,7 @@ class RunState:
             detail = ", ".join(f"{k} {getattr(self.settings, k)!r} (got {getattr(new, k)!r})" for k in changed)
             raise ValueError(f"run was trained with {detail}{where}: these settings define the trained LoRA and "
                              "its optimizer state and cannot change within a run. Set them back, or use a new "
-                             "run_name to start another run.")
+                             "run_name to start another run." + _seed_hint(changed))
 
     def apply_hyperparameters(self, new: RunSettings) -> list:
         """Apply a new learning rate / weight decay to the optimizer; returns what changed."""
@@ -267,7 +276,7 @@ class RunState:
             raise CheckpointError(
                 f"the run checkpoint {path} was trained with {detail}, but the node now says {now}: these "
                 "settings define the trained LoRA and cannot change when resuming. Set them back, or use a new "
-                "run_name (or set resume to false) to start another run.")
+                "run_name (or set resume to false) to start another run." + _seed_hint(changed))
         if md.get("arch") and self.arch and md["arch"] != self.arch:
             raise CheckpointError(f"the run checkpoint {path} trains a {md['arch']} model, not this {self.arch} "
                                   "model: use a new run_name for another model")

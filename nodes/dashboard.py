@@ -87,7 +87,7 @@ class PCPODashboard:
     OUTPUT_NODE = True
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("dashboard", "metrics_path")
-    OUTPUT_TOOLTIPS = ("The dashboard image (also output/pcpo/<run>/dashboard.png).",
+    OUTPUT_TOOLTIPS = ("The dashboard image (also output/pcpo/RUN_NAME/dashboard.png).",
                        "Path of the run's metrics.jsonl (one JSON line per iteration, every stat).")
     DESCRIPTION = ("Shows the run in the graph, refreshed every iteration: training reward (mean, spread, running "
                    "mean), held-out rewards with rollbacks marked, KL to the base model, gradient norm, "

@@ -115,7 +115,7 @@ class PCPOExportLoRA:
                 "also_diffusers": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Also write a diffusers/PEFT copy for SD1.x/SD2.x/SDXL UNets into ComfyUI's "
-                               "output folder (<name>_diffusers/pytorch_lora_weights.safetensors, for "
+                               "output folder (FILENAME_diffusers/pytorch_lora_weights.safetensors, for "
                                "pipe.load_lora_weights); skipped with a warning for other models. The main "
                                "kohya file already loads in diffusers too."}),
             },

@@ -186,7 +186,8 @@ class PCPOHeldOutEvaluation:
             "steps": ("INT", {"default": 20, "min": 2, "max": 200, "tooltip": "Sampling steps (as in training)."}),
             "cfg": ("FLOAT", {"default": 4.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Guidance scale."}),
             "eta": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 1.0, "step": 0.01, "tooltip":
-                              "Noise level of the (stochastic) sampler; the noise itself is fixed by the seed."}),
+                              "How much random noise each step adds; use the Trajectory Sampler's eta so "
+                              "held-out images are made like the training ones. The noise itself is fixed by the seed."}),
             "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"default": "simple", "tooltip": "Sigma schedule."}),
             "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image width."}),
             "height": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image height."}),

@@ -78,7 +78,7 @@ class PCPOHumanRating:
     DESCRIPTION = ("You are the reward: the page shows this rollout's images group by group (one prompt each) and "
                    "you pick the best and the worst image, or score each from 1 to 5 (keys: see the panel). Groups "
                    "you do not rate are scored by a model reward or skipped. Ratings are appended to "
-                   "output/pcpo/<run>/ratings.jsonl.")
+                   "output/pcpo/RUN_NAME/ratings.jsonl.")
 
     @classmethod
     def INPUT_TYPES(cls):

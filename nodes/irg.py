@@ -163,7 +163,7 @@ class PCPOImplicitRewardGuidance:
     OUTPUT_TOOLTIPS = ("The model, sampling with eps_ref + lambda (eps_lora - eps_ref) (use it with any sampler).",)
     DESCRIPTION = ("Implicit Reward Guidance: samples with eps = eps_ref + lambda (eps_lora - eps_ref), computed "
                    "exactly from the base model and the LoRA model in one batched call per step. lambda 0 = base, "
-                   "1 = the tuned model, > 1 extrapolates the reward. Unlike LoRA strength (which scales the weights "
+                   "1 = the tuned model, above 1 extrapolates the reward. Unlike LoRA strength (which scales the weights "
                    "and is only a first-order approximation of this), the guidance acts on the prediction itself; "
                    "it costs one more model evaluation per LoRA.")
 

@@ -1,4 +1,4 @@
-"""PCPO Trajectory Sampler (records a rollout) and PCPO Sampler (the same stochastic sampler as a
+"""PCPO Trajectory Sampler (records a rollout) and PCPO SDE Sampler (the same stochastic sampler as a
 SAMPLER for SamplerCustom)."""
 from __future__ import annotations
 
@@ -87,6 +87,12 @@ def start_latents(model, latent, groups: int) -> list:
     return [x[:1]] * groups if B == 1 else list(x.split(1))
 
 
+FLOW_NOISE_TOOLTIP = ("Flow models (SD3, FLUX) only; SD1.x/SDXL ignore it. How the added noise is spread over the "
+                      "steps. constant (pick this): the same noise level eta at every step (DanceGRPO). flow-grpo: "
+                      "eta*sqrt(t/(1-t)) as in Flow-GRPO, a lot of noise in the early, blurry steps and little in "
+                      "the last, detailed ones; use eta near 0.7 with it.")
+
+
 class PCPOTrajectorySampler:
     CATEGORY = "PCPO"
     FUNCTION = "sample"
@@ -110,18 +116,19 @@ class PCPOTrajectorySampler:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip":
                              "Base seed; each iteration and group derive their own noise from it."}),
             "eta": ("FLOAT", {"default": 1.0, "min": MIN_ETA, "max": 1.0, "step": 0.01, "tooltip":
-                              "Noise level: DDIM eta for eps/v models (1 = DDPM, reference), the SDE noise for "
-                              "flow models (DanceGRPO eta 0.3; Flow-GRPO a = 0.7). Below 0.3 the update warns: "
-                              "the policy ratio becomes ill-conditioned at low noise."}),
+                              "How much fresh random noise every sampling step adds. Training needs it: the LoRA "
+                              "learns which of these random turns led to a better reward. SD1.x/SDXL: keep 1 (the "
+                              "reference, like DDPM). Flow models (SD3, FLUX): the noise level of their SDE, 0.3 "
+                              "with flow_noise_rule constant (DanceGRPO), 0.7 with flow-grpo (Flow-GRPO). Lower "
+                              "values give cleaner rollouts but a shakier update: below 0.3 the update warns, as "
+                              "its KL and gradients grow like 1/eta."}),
             "rollout_variant": (list(VARIANTS), {"default": "uw-sigma", "tooltip":
                                 "How the rollout adds noise. uw-sigma (pick this for SD1.x/SDXL): the PCPO "
                                 "reference, noise reshaped so every step weighs the same in the loss. uw-lambda: the "
                                 "exact equal weighting, twice the model calls per step. native: plain DDIM noise. "
                                 "Flow models (SD3, FLUX) use their own SDE: uw-lambda applies there, uw-sigma and "
                                 "native both mean the plain flow SDE."}),
-            "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip":
-                                "Flow models only: constant noise level eta (DanceGRPO) or a*sqrt(t/(1-t)) "
-                                "(Flow-GRPO); constant unless you follow Flow-GRPO."}),
+            "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip": FLOW_NOISE_TOOLTIP}),
             "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"default": "simple", "tooltip":
                           "Sigma schedule (ignored when SIGMAS are wired). ddim_uniform matches SD1.5 DDIM."}),
             "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8, "tooltip": "Image width (ignored with a LATENT)."}),
@@ -274,15 +281,16 @@ class PCPOSampler:
     def INPUT_TYPES(cls):
         return {"required": {
             "eta": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
-                              "DDIM eta (eps/v models) or the SDE noise level (flow models)."}),
+                              "How much fresh random noise every step adds: 1 is fully random (like DDPM or "
+                              "euler_ancestral), values near 0 approach plain DDIM (the same image every time). "
+                              "Flow models (SD3, FLUX): the noise level of their SDE. To see images as training "
+                              "made them, use the Trajectory Sampler's eta."}),
             "rollout_variant": (["uw-sigma", "native"], {"default": "native", "tooltip":
                                 "native (pick this to sample with a trained LoRA): plain DDIM(eta), like "
                                 "euler_ancestral. uw-sigma: the noise PCPO trains with (SD1.x/SDXL), to see the "
                                 "rollouts exactly as training sampled them. Flow models (SD3, FLUX) use their own "
                                 "SDE either way."}),
-            "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip": "Flow models only: "
-                                "constant noise level eta (DanceGRPO) or a*sqrt(t/(1-t)) (Flow-GRPO); constant "
-                                "unless you follow Flow-GRPO."}),
+            "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip": FLOW_NOISE_TOOLTIP}),
         }}
 
     def get_sampler(self, eta, rollout_variant, flow_noise_rule):
@@ -291,4 +299,5 @@ class PCPOSampler:
 
 
 NODE_CLASS_MAPPINGS = {"PCPOTrajectorySampler": PCPOTrajectorySampler, "PCPOSampler": PCPOSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"PCPOTrajectorySampler": "PCPO Trajectory Sampler", "PCPOSampler": "PCPO Sampler"}
+NODE_DISPLAY_NAME_MAPPINGS = {"PCPOTrajectorySampler": "PCPO Trajectory Sampler",
+                              "PCPOSampler": "PCPO SDE Sampler (for SamplerCustom)"}

@@ -228,7 +228,7 @@ class PCPOLoRA:
                        "The training session: wire it into the Trajectory Sampler, LoRA Update and Export nodes.")
     DESCRIPTION = ("Starts (or resumes) a PCPO training run: attaches a trainable LoRA to a copy of the model. The "
                    "LoRA and optimizer stay in memory between queued prompts and are checkpointed to "
-                   "output/pcpo/<run_name>.")
+                   "output/pcpo/RUN_NAME/ (RUN_NAME is the run_name below).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -236,7 +236,7 @@ class PCPOLoRA:
             "model": ("MODEL", {"tooltip": "The diffusion model to align (SD1.x, SD2.x, SDXL, SD3 or FLUX). It is not "
                                 "changed: training happens on a copy."}),
             "run_name": ("STRING", {"default": "pcpo_run", "tooltip": "Name of the run: its checkpoint lives in "
-                                    "output/pcpo/<run_name>. Re-using a name continues that run."}),
+                                    "output/pcpo/RUN_NAME/. Re-using a name continues that run."}),
             "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (reference: 16). Fixed for "
                              "the life of a run."}),
             "alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.5,

@@ -107,15 +107,30 @@ class PCPOLoRAUpdate:
                                      "stats is high or the images break, raise it (2e-4) if the clip fraction stays "
                                      "near 1."}),
             "advantage_clip": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.5,
-                                         "tooltip": "Clip normalised advantages to [-c, c] (0 = off)."}),
+                                         "tooltip": "Caps how hard one image can pull the LoRA. Each image is "
+                                         "scored against the other images of its prompt (how many spreads above "
+                                         "or below their average); this cuts that score at plus or minus this "
+                                         "value, so one freak image cannot dominate an update. Keep 5 (the "
+                                         "reference): it only acts in groups of 27 or more images (smaller groups "
+                                         "never reach 5). Lower it (2-3) with large groups if single outliers "
+                                         "make the reward jump; 0 turns the cap off."}),
             "train_fraction": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 1.0, "step": 0.05, "tooltip":
-                               "Share of each sample's timesteps trained (the last step is never trained); FLUX reference 0.6."}),
+                               "Share of each image's denoising steps the update learns from (a random pick; "
+                               "the last step is never trained). 1 learns from all of them (the reference for "
+                               "SD1.x/SDXL). Lower it to make each update faster (time falls in proportion) at "
+                               "the cost of a noisier update; 0.6 is the FLUX reference."}),
             "micro_batch": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":
                                     "Samples per forward/backward (within a group). Lower it if memory runs out."}),
             "grad_clip": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
                                     "Clip the gradient norm to this value (reference 1.0); 0 = no clipping."}),
             "updates_per_rollout": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip":
-                                            "Optimizer steps per rollout batch (reference 2; the first is on-policy)."}),
+                                            "How many times the LoRA is updated from one batch of images before "
+                                            "new ones are sampled. The first update learns from images the LoRA "
+                                            "just made; the next ones reuse them after the LoRA has already moved "
+                                            "(clip_range keeps that in check). 2 (the reference) gets more out of "
+                                            "each batch; 1 is the fastest and safest. Every extra update repeats the "
+                                            "whole training pass, and too many overshoot (clip and kl in the stats "
+                                            "rise)."}),
             "iterations_per_queue": ("INT", {"default": 1, "min": 1, "max": 100000, "tooltip":
                                              "Iterations (sample, score, update) one press of Queue runs: the node "
                                              "re-queues the workflow until they are done. Cancel stops it."}),

@@ -3,9 +3,14 @@ the tiny stand-in pack, and the ComfyUI page in headless Chromium (Debian's chro
 chromium-driver, installed by tools/env.sh) driven through WebDriver.  One server and one browser
 for the module; screenshots of each step go to the module's temp folder (printed at the end).
 
-* the PCPO nodes are registered in the page with their display names and listed in the node library;
+* the PCPO nodes are registered in the page with their display names and listed in the node library,
+  whose preview shows a description's run folder (output/pcpo/RUN_NAME/) in full;
 * every shipped UI workflow loads with no missing-node dialog (a workflow with an unknown node does
   show it) and with every widget value where the JSON puts it; learning rate and clip range take 5e-6;
+* a PCPO LoRA, Trajectory Sampler, Prompts or Held-out Evaluation added from the node menu has its
+  seed's control after generate on fixed (a workflow keeps its stored value), and the demo with a
+  PCPO LoRA added from the menu trains on both of two presses of Run, and its Update node explains
+  the stats line (clip, kl, grad, zero-std groups) in its text and hover tooltip;
 * the demo workflow queued with the page's Run button trains 2 iterations (the re-queue shows in the
   queue, progress shows on the nodes, the stats and the running mean appear on the Update node and
   the path on the Export node), and the page's Cancel stops a longer run;
@@ -134,6 +139,15 @@ class Page:
         assert ok, f"no visible button labelled {labels}"
         return ok
 
+    def add_node(self, type_: str, pos=(100, 100)) -> int:
+        """Add a node the way the node menu and the search box do (LiteGraph.createNode, graph.add)."""
+        return self.js("const n = LiteGraph.createNode(arguments[0]); n.pos = arguments[1];"
+                       "app.graph.add(n); app.graph.setDirtyCanvas(true, true); return n.id;", type_, list(pos))
+
+    def widget_values(self, node_id: int) -> dict:
+        return self.js("return Object.fromEntries(app.graph.getNodeById(arguments[0]).widgets"
+                       ".filter(w => w.name !== 'pcpo_status').map(w => [w.name, w.value]))", node_id)
+
     def node_text(self, node_id: int) -> str:
         return self.js("const e = document.querySelector(`.pcpo-node-text[data-node-id=\"${arguments[0]}\"]`);"
                        "return e ? e.textContent : '';", node_id) or ""
@@ -233,10 +247,26 @@ def test_pcpo_nodes_are_in_the_node_library_with_their_display_names(page):
                  if (e.innerText && e.innerText.trim() === 'PCPO') { e.click(); break; } }""")
     visible = page.wait("the PCPO nodes listed", lambda: (lambda t: t if "PCPO Human Rating" in t else None)(
         page.js("return document.body.innerText")), timeout=20)
-    for name in ("PCPO LoRA", "PCPO Trajectory Sampler", "PCPO Reward Scorer", "PCPO Human Rating",
-                 "PCPO LoRA Update", "PCPO Export LoRA"):
+    for name in ("PCPO LoRA", "PCPO Trajectory Sampler", "PCPO SDE Sampler (for SamplerCustom)", "PCPO Reward Scorer",
+                 "PCPO Human Rating", "PCPO LoRA Update", "PCPO Export LoRA"):
         assert name in visible, f"{name} not in the node library"
     page.shot("node_library")
+    # hovering a node shows its preview, the description rendered as HTML: the run folder reads in full
+    from selenium.webdriver.common.action_chains import ActionChains
+    find_leaf = """const es = [...document.querySelectorAll('*')].filter(e => e.offsetParent !== null
+                     && e.children.length === 0 && (e.innerText || '').trim() === 'PCPO LoRA');
+                   const e = es[es.length - 1]; if (e && arguments[0]) e.scrollIntoView({block: 'center'}); return e;"""
+    assert page.js(find_leaf, True) is not None, "PCPO LoRA is not a visible entry of the node library"
+    time.sleep(0.5)  # the 1.49 library is a virtual list: it re-renders its rows after scrolling
+    ActionChains(page.d).move_to_element(page.js(find_leaf, False)).perform()
+    # the preview's description (frontend 1.32: ._sb_description; 1.49: a paragraph of the preview card)
+    preview = page.wait("the node preview", lambda: page.js(
+        """const es = [...document.querySelectorAll('*')].filter(e => e.offsetParent !== null
+             && (e.innerText || '').includes('Starts (or resumes) a PCPO training run'));
+           es.sort((a, b) => a.innerText.length - b.innerText.length); return es.length && es[0].innerText"""),
+        timeout=10)
+    assert "output/pcpo/RUN_NAME/" in preview, preview
+    page.shot("node_library_preview")
     page.button("Node Library (n)", "Node Library")  # close the sidebar again
 
 
@@ -319,6 +349,74 @@ def test_small_learning_rates_and_clip_ranges_can_be_entered(page):
         assert value == pytest.approx(5e-6, rel=1e-6), (name, got)
         if precision is not None:
             assert precision >= 6, (name, got)
+
+
+# --------------------------------------------------------------------------- seeds
+
+SEEDED = ("PCPOLoRA", "PCPOTrajectorySampler", "PCPOPrompts", "PCPOHeldOutEvaluation")
+
+
+def test_pcpo_nodes_added_from_the_menu_keep_their_seed_and_workflows_keep_their_control(page):
+    """The frontend sets every seed's control after generate to randomize; the pack's start at fixed.
+    A workflow's stored control value still wins when it loads."""
+    page.load(_read(WORKFLOWS / "demo_tiny_pcpo.json"))
+    for type_ in SEEDED:
+        values = page.widget_values(page.add_node(type_))
+        assert values.get("control_after_generate") == "fixed", (type_, values)
+    # a stock node keeps the frontend's default
+    assert page.widget_values(page.add_node("KSampler"))["control_after_generate"] == "randomize"
+    wf = _read(WORKFLOWS / "demo_tiny_pcpo.json")
+    lora = _node_of(wf, "PCPOLoRA")
+    i = lora["widgets_values"].index("fixed")
+    lora["widgets_values"][i] = "randomize"
+    page.load(wf)
+    assert page.widget_values(lora["id"])["control_after_generate"] == "randomize"
+
+
+def test_run_pressed_twice_with_a_pcpo_lora_added_from_the_menu_trains_both_times(page):
+    """The demo with its PCPO LoRA replaced by one added from the menu: the second Run continues the run
+    (a randomized seed would be refused: the run's seed cannot change)."""
+    run = f"browser_seed_{uuid.uuid4().hex[:6]}"
+    page.load(_read(WORKFLOWS / "demo_tiny_pcpo.json"))
+    lora = page.js("""
+        const old = app.graph.getNodeById(2), fresh = LiteGraph.createNode('PCPOLoRA');
+        fresh.pos = [old.pos[0], old.pos[1]];
+        const outs = old.outputs.map((o, slot) => (o.links || []).map(id => {
+          const l = app.graph.links[id] ?? app.graph.links.get?.(id); return [slot, l.target_id, l.target_slot]; }));
+        const src = app.graph.links[old.inputs[0].link] ?? app.graph.links.get?.(old.inputs[0].link);
+        app.graph.remove(old);
+        app.graph.add(fresh);
+        app.graph.getNodeById(src.origin_id).connect(src.origin_slot, fresh, 0);
+        for (const [slot, target, tslot] of outs.flat()) fresh.connect(slot, app.graph.getNodeById(target), tslot);
+        return fresh.id;""")
+    page.set_widgets(lora, {"run_name": run, "rank": 4, "alpha": 4.0, "target_layers": "attention+mlp"})
+    page.set_widgets(3, {"prompts_per_iteration": 2})
+    page.set_widgets(4, {"steps": 4, "group_size": 4})
+    page.set_widgets(7, {"iterations_per_queue": 1, "checkpoint_every": 1, "micro_batch": 4})
+    page.set_widgets(8, {"filename": "pcpo/{run}"})
+    seed = page.widget_values(lora)["seed"]
+    for press in (1, 2):
+        page.button("Run", "Queue Prompt", "Queue")
+        page.wait(f"press {press} to be queued", lambda: len(_mine(page, run)) >= press, timeout=30)
+        _wait_idle(page)
+    mine = _mine(page, run)
+    assert [h["status"]["status_str"] for h in mine] == ["success", "success"], \
+        [m[1].get("exception_message") for h in mine for m in h["status"].get("messages", [])
+         if m[0] == "execution_error"]
+    assert page.widget_values(lora)["seed"] == seed
+    ckpt = page.base / "output" / "pcpo" / run / "checkpoint.safetensors"
+    assert _safetensors_metadata(ckpt)["iteration"] == "2"
+    # the Update node explains its stats line, in the text and as its hover tooltip
+    text = page.node_text(7)
+    assert "iteration 2/" in text and "zero-std groups" in text, text
+    title = page.js("return document.querySelector('.pcpo-node-text[data-node-id=\"7\"]').title")
+    for term in ("clip = ", "kl = ", "grad = ", "zero-std groups = "):
+        assert term in text and term in title, (term, text, title)
+
+
+def _mine(page, run: str) -> list:
+    history = page.server.get("/history")
+    return [h for h in history.values() if run in json.dumps(h["prompt"][2])]
 
 
 # --------------------------------------------------------------------------- the demo from the page

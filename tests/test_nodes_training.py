@@ -49,6 +49,44 @@ def test_pack_loads_through_comfyui_custom_node_loader(pcpo):
                         assert spec[1].get("control_after_generate") is True, f"{nid}.seed"
 
 
+
+def _texts(cls) -> list:
+    """(where, text) of a node class's description, output tooltips and input tooltips."""
+    out = [("DESCRIPTION", getattr(cls, "DESCRIPTION", ""))]
+    out += [(f"output {i}", t) for i, t in enumerate(getattr(cls, "OUTPUT_TOOLTIPS", ()) or ())]
+    for section in cls.INPUT_TYPES().values():
+        for name, spec in section.items():
+            if isinstance(spec, tuple) and len(spec) > 1 and isinstance(spec[1], dict):
+                out.append((name, spec[1].get("tooltip", "")))
+    return out
+
+
+def test_descriptions_and_tooltips_have_no_angle_brackets(pcpo):
+    """The node library renders a description as HTML: '<run_name>' vanished ("output/pcpo/.")."""
+    bad = [(nid, where, t) for nid, cls in pcpo.nodes.items() for where, t in _texts(cls) if "<" in t or ">" in t]
+    assert not bad, bad
+    assert "output/pcpo/RUN_NAME/" in pcpo.nodes["PCPOLoRA"].DESCRIPTION
+
+
+def test_display_names_are_distinct_and_the_sde_sampler_says_what_it_is_for(pcpo):
+    names = [pcpo.display[nid] for nid in pcpo.nodes]
+    assert len(set(names)) == len(names)
+    assert pcpo.display["PCPOSampler"] == "PCPO SDE Sampler (for SamplerCustom)"  # the class id stays
+
+
+@pytest.mark.parametrize("node, name", [("PCPOLoRAUpdate", "advantage_clip"), ("PCPOLoRAUpdate", "updates_per_rollout"),
+                                        ("PCPOLoRAUpdate", "train_fraction"), ("PCPOTrajectorySampler", "eta"),
+                                        ("PCPOTrajectorySampler", "flow_noise_rule"), ("PCPOSampler", "eta"),
+                                        ("PCPOSampler", "flow_noise_rule")])
+def test_training_knob_tooltips_say_what_it_does_and_when_to_change_it(pcpo, node, name):
+    tip = dict(_texts(pcpo.nodes[node]))[name]
+    # the old one-line jargon ("Clip normalised advantages to [-c, c]", "the first is on-policy", ...) is gone
+    for jargon in ("normalised advantages", "on-policy", "Optimizer steps", "policy ratio", "timesteps trained",
+                   "[-c, c]", "DDIM eta (eps/v"):
+        assert jargon not in tip, (name, jargon)
+    assert len(tip) >= 150 and tip.count(". ") + tip.count("; ") >= 2, (name, tip)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rollout_then_gradient_pass_is_exactly_on_policy(pcpo, tiny, family):
     tm = tiny.build(family)

@@ -130,3 +130,21 @@ def test_rollout_seeds_differ_per_group_and_iteration_and_repeat():
     draws = {(i, g): torch.randn(3, generator=rollout_generator(7, i, g)) for i in range(3) for g in range(3)}
     assert len({tuple(v.tolist()) for v in draws.values()}) == 9
     assert torch.equal(draws[(1, 2)], torch.randn(3, generator=rollout_generator(7, 1, 2)))
+
+
+def test_a_changed_seed_refusal_names_the_control_after_generate_widget(tmp_path):
+    """A seed set to randomize changes on every press of Run: the refusal says which widget to set."""
+    state = make_state()
+    with pytest.raises(ValueError) as e:
+        state.check_settings(RunSettings(rank=2, alpha=2.0, seed=4250894884))
+    assert "seed 0 (got 4250894884)" in str(e.value)
+    assert "set 'control after generate' to fixed" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        state.check_settings(RunSettings(rank=2, alpha=4.0))
+    assert "control after generate" not in str(e.value)  # only a changed seed mentions it
+    train_steps(state, 1)
+    path = str(tmp_path / "checkpoint.safetensors")
+    state.save(path)
+    with pytest.raises(CheckpointError) as e:
+        make_state(seed=7).load(path)
+    assert "seed=0" in str(e.value) and "set 'control after generate' to fixed" in str(e.value)

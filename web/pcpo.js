@@ -3,7 +3,10 @@
 //    countdown, skip, cancel), talking to the pack's /pcpo/ratings/* routes;
 //  * the latest stats and a running mean on the PCPO LoRA Update node, the written path on the
 //    PCPO Export LoRA node, the rating summary on the Human Rating node (the stock frontend does
-//    not draw a node's ui.text).
+//    not draw a node's ui.text);
+//  * the seeds of a PCPO node added to the graph start at "fixed" (the frontend sets the control
+//    after generate of every seed to "randomize"; a run's seed cannot change, and the held-out noise
+//    must not). A node loaded from a workflow keeps the control value stored in the workflow.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -30,6 +33,13 @@ function nodeText(node) {
   return el;
 }
 
+// what the Update node's stats line means, for the node text and its hover tooltip
+const STATS_LEGEND =
+  "what the numbers mean: clip = share of image steps the update held back at clip_range (stays near 1: " +
+  "raise clip_range) · kl = how far this update moved the LoRA (above 0.1: lower the learning rate) · " +
+  "grad = size of the update before grad_clip · zero-std groups = prompts whose images all got the same " +
+  "reward, which teach the LoRA nothing (many: a larger group_size or a reward that tells them apart)";
+
 function showOnNode(node, message) {
   if (!message) return;
   const lines = [];
@@ -40,6 +50,10 @@ function showOnNode(node, message) {
   }
   for (const t of message.text || []) lines.push(String(t));
   const el = nodeText(node);
+  if (node.type === "PCPOLoRAUpdate" && lines.some((l) => l.includes("zero-std groups"))) {
+    lines.push(STATS_LEGEND);
+    el.title = STATS_LEGEND;
+  }
   el.textContent = lines.join("\n");
   node.setDirtyCanvas?.(true, true);
 }
@@ -53,6 +67,16 @@ function nodeStatus(text) {
 
 function fmt(x) {
   return typeof x === "number" && isFinite(x) ? x.toFixed(4) : "-";
+}
+
+// ------------------------------------------------------------------ seeds
+
+function fixSeeds(node) {
+  if (!String(node.comfyClass || node.type || "").startsWith("PCPO")) return;
+  const seeds = (node.widgets || []).filter((w) => w.name === "seed" || w.name === "noise_seed");
+  const controls = new Set(seeds.flatMap((w) => w.linkedWidgets || []));
+  for (const w of node.widgets || []) if (w.name === "control_after_generate") controls.add(w);
+  for (const c of controls) if ((c.options?.values || []).includes("fixed")) c.value = "fixed";
 }
 
 // ------------------------------------------------------------------ the rating panel
@@ -319,6 +343,10 @@ app.registerExtension({
     setInterval(poll, POLL_MS);
     poll();
     window.__pcpoPanel = panel;
+  },
+  nodeCreated(node) {
+    // runs in the node's constructor: a workflow being loaded then writes its stored values over this
+    try { fixSeeds(node); } catch (e) { console.error("pcpo: seed control", e); }
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!TEXT_NODES.has(nodeData.name)) return;
