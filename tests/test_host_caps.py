@@ -107,7 +107,8 @@ def _host_trims(fm) -> bool:
 def test_a_rope_without_backward_is_swapped_for_the_pack_calls_only(pcpo, caps, monkeypatch):
     """Capability, not version: whatever the host, a FLUX RoPE whose backward fails is replaced by the
     torch RoPE inside the training flag (rollout and gradient pass alike) and restored after it,
-    also when the pass raises; a differentiable one is left alone.  The probe runs once."""
+    also when the pass raises; a differentiable one is left alone.  The probe runs once (per
+    ``in_training`` value)."""
     import comfy.ldm.flux.math as fm
     glue = pcpo.mod("nodes.glue")
     calls = []
@@ -118,8 +119,8 @@ def test_a_rope_without_backward_is_swapped_for_the_pack_calls_only(pcpo, caps, 
 
     monkeypatch.setattr(fm, "apply_rope", kernel)
     assert not caps.flux_rope_differentiable(fm)
-    probes = len(calls)
     with glue.training_flag():
+        probes = len(calls)
         assert fm.apply_rope is torch_rope.apply_rope and fm.apply_rope1 is torch_rope.apply_rope1
         with glue.training_mode():  # nested: the gradient pass inside a rollout's flag
             assert fm.apply_rope is torch_rope.apply_rope
