@@ -29,7 +29,7 @@ log = logging.getLogger("comfyui-pcpo")
 _ROPE_NAMES = ("apply_rope", "apply_rope1")
 _lock = threading.Lock()
 _installed = {"depth": 0, "saved": {}}
-_probed: dict = {}  # host apply_rope function -> bool (it has a working backward)
+_probed: dict = {}  # (host apply_rope, in_training) -> it has a correct backward
 
 
 def flux_math():
@@ -60,7 +60,10 @@ def _probe(fn) -> bool:
             return False
         rq, rk = torch_rope.apply_rope(q, k, freqs)
         want = torch.autograd.grad((rq * w).sum() + (rk * w).sum(), (q, k))
-    return all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+    ok = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+    if not ok:
+        log.info("comfyui-pcpo: the host's FLUX RoPE gives another gradient than RoPE's; training uses the torch RoPE")
+    return ok
 
 
 def flux_rope_differentiable(fm=None) -> bool:
