@@ -18,6 +18,8 @@ import comfy.samplers
 
 from comfyui_pcpo.lora import LoRAWeightDelta, select_targets
 
+from . import host_caps
+
 log = logging.getLogger("comfyui-pcpo")
 
 SUPPORTED = "eps / v-prediction diffusion models (SD1.x, SD2.x, SDXL) and rectified-flow models (SD3, FLUX)"
@@ -428,18 +430,21 @@ def _install_out_of_place_wrapper(mp) -> None:
 @contextlib.contextmanager
 def training_flag():
     """ComfyUI's ``in_training`` flag (0.33+; absent before): set, the host takes differentiable code
-    paths (e.g. FLUX's eager RoPE instead of the comfy-kitchen kernel, which has no backward).
-    The rollout sets it too, so that rollout and gradient pass run the same numerics."""
+    paths (e.g. FLUX's eager RoPE instead of the comfy-kitchen kernel, which has no backward).  Where
+    the host's FLUX RoPE is still not differentiable (releases with the kernel but without the flag),
+    :func:`host_caps.differentiable_flux_rope` puts a torch RoPE in its place for the duration.
+    The rollout enters this too, so that rollout and gradient pass run the same numerics."""
     mm = comfy.model_management
-    if not hasattr(mm, "in_training"):
-        yield
-        return
-    old = mm.in_training
-    mm.in_training = True
+    has_flag = hasattr(mm, "in_training")
+    old = mm.in_training if has_flag else None
+    if has_flag:
+        mm.in_training = True
     try:
-        yield
+        with host_caps.differentiable_flux_rope():
+            yield
     finally:
-        mm.in_training = old
+        if has_flag:
+            mm.in_training = old
 
 
 @contextlib.contextmanager
