@@ -28,6 +28,12 @@ def test_combine_and_repeat():
     assert r["transformer_options"]["sigmas"].shape == (6,) and r["control"]["output"][1] is None
 
 
+def same(a, b) -> bool:
+    """Equal up to float32 rounding: IRG runs the model once on a batch of K+1 copies, and CPU kernels
+    may round a row differently at another batch size (seen: bit-equal on some CPUs, not on others)."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
 def _lora(pcpo, tm, name, seed):
     """A random LoRA for ``tm`` written as a kohya file into the loras folder; returns its name."""
     with torch.inference_mode():
@@ -83,8 +89,8 @@ def test_irg_is_exact_at_0_1_2(pcpo, tiny, comfy_dirs, family):
 
     e0, d0 = irg((n1, 0.0))
     e1, d1 = irg((n1, 1.0))
-    assert torch.equal(d0, d_ref) and torch.equal(e0, eps_ref)          # lambda 0: the base model
-    assert torch.equal(d1, d_a) and torch.equal(e1, eps_a)              # lambda 1: the LoRA model
+    assert same(d0, d_ref) and same(e0, eps_ref)           # lambda 0: the base model
+    assert same(d1, d_a) and same(e1, eps_a)                # lambda 1: the LoRA model
     e2, _ = irg((n1, 2.0))
     closed = eps_ref + 2.0 * (eps_a - eps_ref)
     assert torch.allclose(e2, closed, rtol=1e-4, atol=1e-5 * float(closed.abs().max()))
@@ -112,7 +118,7 @@ def test_irg_samples_with_a_stock_sampler(pcpo, tiny, comfy_dirs):
             folder_paths.get_full_path("loras", name), safe_load=True), 1.0, 0)[0]
         a = dataclasses.replace(tm, model=m).sample(batch=2, height=8, width=8, sampler_name="euler")
         b = dataclasses.replace(tm, model=lm).sample(batch=2, height=8, width=8, sampler_name="euler")
-    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert same(a, b) and torch.isfinite(a).all() and (a - tm.sample(batch=2, height=8, width=8, sampler_name="euler")).abs().max() > 1e-3
 
 
 def test_shipped_irg_workflow_runs(pcpo, comfy, comfy_dirs):

@@ -150,7 +150,9 @@ def test_pcpo_loss_autograd_matches_finite_differences(pcpo, tiny, family):
         p.grad = None
     loss_fn(True)
     auto = float(sum((p.grad * d).sum() for p, d in zip(params, direction)))
-    h = 1e-2
+    # float32 model: at h 1e-2 the loss's rounding already moves the central difference by ~2% on some
+    # CPUs; at 3e-2 truncation and rounding are both below 0.2% for every family
+    h = 3e-2
     with torch.no_grad():
         for p, d in zip(params, direction):
             p.add_(h * d)
