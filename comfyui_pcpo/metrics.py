@@ -150,7 +150,7 @@ class MetricsLog:
         else:
             kept = [r for it, r in records.items() if it < iteration]
             _rewrite(self.path, kept + [rec])
-            self._last_start = sum(len((json.dumps(r, allow_nan=False) + "\n").encode("utf-8")) for r in kept)
+            self._last_start = os.path.getsize(self.path) - len(line)  # rec's line is the last one
         for it in later:
             del records[it]
         records[iteration] = rec

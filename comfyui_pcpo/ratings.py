@@ -69,7 +69,6 @@ class RatingRequest:
     created: float = field(default_factory=time.time)
     images: dict = field(default_factory=dict)      # image id -> PNG bytes (served by the route)
     result: dict | None = None                      # validated ratings once submitted
-    cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     # "pending" until exactly one of: "rated", "cancelled", "timeout", "withdrawn" (then final)
     state: str = "pending"
@@ -81,8 +80,12 @@ class RatingRequest:
         with self._lock:
             if self.state != "pending":
                 raise RequestClosed(self.state, CLOSED_MESSAGES[self.state])
-            self.state, self.result, self.cancelled = state, result, state == "cancelled"
+            self.state, self.result = state, result
             self.done.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.state == "cancelled"
 
     def answer(self, result: dict) -> None:
         """Accept a validated rating; only while pending (the waiter then uses exactly it)."""
