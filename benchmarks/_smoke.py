@@ -11,6 +11,15 @@ import pathlib
 BENCHMARKS = pathlib.Path(__file__).resolve().parent
 
 
+def save_atomic(path, data) -> None:
+    """Write ``data`` as JSON to ``path`` through a temp file and ``os.replace``: a killed run leaves
+    the previous file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
 def json_path(path: str, flag: str = "--json") -> str:
     """The smoke run's JSON path: required, and outside benchmarks/ (where the measured JSON lives).
     A smoke run never resumes: a file already at the path is replaced."""
@@ -39,10 +48,7 @@ def non_finite(values: dict) -> list:
 def finish(path: str, data: dict, must_be_finite: dict) -> int:
     """Write ``data`` to ``path`` (atomically) and return the exit status: 1 (with the names printed)
     when a value of ``must_be_finite`` is not a finite number, else 0."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    save_atomic(path, data)
     bad = non_finite(must_be_finite)
     if bad:
         print(f"FAILED: not finite: {', '.join(bad)} (results in {path})", flush=True)

@@ -52,6 +52,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _smoke import save_atomic  # noqa: E402
+
 ARMS = {  # arm -> (objective, rollout variant)
     "pcpo-uw-sigma": ("pcpo", "uw-sigma"),
     "pcpo-uw-lambda": ("pcpo", "uw-lambda"),
@@ -273,13 +276,6 @@ def resume(data: dict, cfg: dict, keys, json_path: str, seeds: int) -> None:
                          "(use another --json, or the same arguments to resume)")
     print(f"resuming {json_path}: {len(data['jobs'])} jobs done")
     data["config"]["seeds"] = max(seeds, data["config"].get("seeds", 0))
-
-
-def save_atomic(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def run_paper(args):
