@@ -146,7 +146,7 @@ class PCPOTrajectorySampler:
                                   "every group, or one per group; an empty latent only sets the size."}),
             "sigmas": ("SIGMAS", {"tooltip": "A custom schedule (overrides steps/scheduler). It must end at 0 and "
                                   "have 2 or more steps. One that starts below sigma_max (SplitSigmas second half, "
-                                  "denoise < 1) denoises the LATENT from noise * sigmas[0]; without a LATENT image "
+                                  "denoise below 1) denoises the LATENT from noise * sigmas[0]; without a LATENT image "
                                   "it starts from that noise alone, as KSampler does with an empty latent."}),
         }, "hidden": {"prompt": "PROMPT"}}
 
