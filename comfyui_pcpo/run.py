@@ -112,6 +112,16 @@ def rollout_generator(seed: int, iteration: int, group: int) -> torch.Generator:
     return torch.Generator().manual_seed(rollout_seed(seed, iteration, group))
 
 
+HELDOUT_ITERATION = -1  # the noise stream of the held-out evaluation: no training rollout uses it
+
+
+def heldout_seed(seed: int, prompt_index: int) -> int:
+    """Seed of held-out prompt ``prompt_index``'s noise: :func:`rollout_seed` at iteration -1 (the
+    same for every evaluation of the run; for the same node seed never a training rollout's seed,
+    whose iterations are >= 0 and groups far fewer than 7919)."""
+    return rollout_seed(seed, HELDOUT_ITERATION, prompt_index)
+
+
 def step_noise_seed(noise_seed: int) -> int:
     """Seed of the step noise of a sampler whose initial noise ComfyUI drew from ``noise_seed``
     (a CPU generator seeded with it): :func:`rollout_seed` of group 1 at iteration 0.  It never

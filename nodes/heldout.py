@@ -25,9 +25,10 @@ import comfy.utils
 from comfyui_pcpo import rewards as R
 from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, MIN_LR_SCALE, GuardConfig, GuardState,
                                 accept_best, judge, lower_lr, rollback, save_best, scaled_lr)
-from comfyui_pcpo.plan import prediction_from_denoised, step_mean
+from comfyui_pcpo.plan import prediction_from_denoised
 from comfyui_pcpo.rewards.base import RewardMix
-from comfyui_pcpo.rollout import transition
+from comfyui_pcpo.rollout import KLToReference, rollout
+from comfyui_pcpo.run import heldout_seed
 
 from .dashboard import merge_metrics, preview, to_image_tensor
 from .export import filename_error
@@ -59,10 +60,6 @@ class HeldOut:
         return {"heldout_reward": self.reward, "heldout_reward_name": self.reward_name,
                 "heldout_guard": dict(self.guards), "heldout_kl_base": self.kl_base,
                 "heldout_iteration": self.iteration}
-
-
-def heldout_seed(seed: int, prompt_index: int) -> int:
-    return (int(seed) * 1_000_033 + 104_729 * (int(prompt_index) + 1)) % (2 ** 63)
 
 
 def image_grid(images: torch.Tensor, min_tile: int = 128) -> np.ndarray:
@@ -121,22 +118,19 @@ def sample_heldout(session, conds, shape, sigmas, eta, cfg, samples_per_prompt, 
         x_init = ms.noise_scaling(torch.tensor(sigma0), noise, torch.zeros_like(noise), max_denoise)
 
         def fn(predict, x_init=x_init, gen=gen):
-            x = x_init.to(model.load_device)
-            kl = torch.zeros(n, dtype=torch.float64)
-            for i in range(plan.num_steps):
-                s = torch.full((n,), float(plan.sigmas[i]), device=x.device, dtype=x.dtype)
-                pred = prediction_from_denoised(plan, x, predict(x, s), s)
-                std = float(plan.std[i])
-                if std > 0:
-                    with lora_multiplier(session.adapters, 0.0):
-                        ref = prediction_from_denoised(plan, x, predict(x, s), s)
-                    d = (step_mean(plan, i, x, pred) - step_mean(plan, i, x, ref)).double() / std
-                    kl += 0.5 * d.pow(2).flatten(1).mean(1).cpu()
-                step_noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
-                x = transition(plan, i, x, pred, step_noise)
+            def pred(x, s):
+                return prediction_from_denoised(plan, x, predict(x, s), s)
+
+            def ref(x, s):
+                with lora_multiplier(session.adapters, 0.0):
+                    return pred(x, s)
+
+            def step_cb(i, _x_next):
                 pbar.update(1)
                 interrupted()
-            return x, kl
+            kl = KLToReference(plan, ref, n)
+            x, _ = rollout(pred, plan, x_init.to(model.load_device), gen, record=False, on_step=kl, callback=step_cb)
+            return x, kl.kl
 
         with torch.no_grad():
             xf, kl = run_in_guider(model, pos, neg, cfg, (n, *shape), sig.float(), fn, seed=seed)
