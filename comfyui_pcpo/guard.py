@@ -18,6 +18,18 @@ After each held-out evaluation (:func:`judge`):
 The best state is one run-checkpoint file (``best.safetensors`` beside the run checkpoint, the same
 format); the guard's own state (best score and iteration, the guard rewards' references, the
 learning-rate scale and the log of every rollback with its reason) is ``guard.json``.
+
+Several processes (torchrun): the run has ONE verdict per evaluation (:func:`decide`).  Rank 0
+judges its own held-out scores and broadcasts the verdict with the guard state it leads to, and
+every rank takes both over, so all ranks keep, accept a new best or roll back together and hold
+the same learning-rate scale, best score and rollback log.  Rank 0's scores (not a mean over the
+ranks) because the held-out evaluation is not split across ranks: every rank samples the same
+prompts with the same noise and the same LoRA, so the ranks' scores differ only by floating-point
+non-determinism, and rank 0's are the ones the run logs (``metrics.jsonl``, the node's text): the
+verdict follows the number the user sees.  Rank 0 alone writes ``best.safetensors`` and
+``guard.json``; a rollback loads rank 0's best state on rank 0 and broadcasts its tensors
+(:func:`rollback`), so every rank continues from the same bits, whatever file the other ranks
+could see.
 """
 from __future__ import annotations
 
@@ -27,8 +39,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from . import distributed
 from .distributed import is_writer
-from .run import RunState
+from .run import RunState, read_checkpoint
 from .trajectory import atomic_save_safetensors
 
 ACTIONS = ("stop", "lower_lr", "continue")
@@ -97,6 +110,7 @@ class GuardState:
 class Verdict:
     reasons: list           # why the run trips (empty: admissible)
     new_best: bool          # this evaluation is the best admissible one so far
+    rollback_to: Optional[int] = None  # tripped with a best state saved (:func:`decide`): its iteration
 
     @property
     def tripped(self) -> bool:
@@ -126,6 +140,27 @@ def judge(cfg: GuardConfig, gs: GuardState, iteration: int, heldout: float, guar
     return Verdict([], gs.best_score is None or heldout > gs.best_score)
 
 
+def decide(cfg: GuardConfig, gs: GuardState, iteration: int, heldout: float, guards: dict,
+           kl: Optional[float], best_path: str) -> Verdict:
+    """The run's verdict on one held-out evaluation (:func:`judge`), with ``rollback_to`` set when it
+    trips and a best state is saved at ``best_path``.  One process: :func:`judge` itself.  Several
+    processes: rank 0 judges its own scores (the other ranks' arguments are not used), then the
+    verdict and rank 0's updated guard state are broadcast and ``gs`` takes that state over on every
+    rank: every rank gets the same verdict and holds the same guard state afterwards."""
+    verdict = None
+    if distributed.is_writer():
+        verdict = judge(cfg, gs, iteration, heldout, guards, kl)
+        if verdict.tripped and gs.best_iteration is not None and os.path.exists(best_path):
+            verdict.rollback_to = int(gs.best_iteration)
+    if not distributed.active():
+        return verdict
+    verdict, decided = distributed.broadcast_object(
+        (verdict, gs.to_dict()) if distributed.is_writer() else None)
+    for k, v in GuardState.from_dict(decided).to_dict().items():
+        setattr(gs, k, v)
+    return verdict
+
+
 def accept_best(gs: GuardState, iteration: int, score: float) -> None:
     gs.best_score, gs.best_iteration = float(score), int(iteration)
 
@@ -145,10 +180,16 @@ _KEPT = ("iteration", "optimizer_steps", "history", "last_reward", "last_objecti
 def rollback(state: RunState, path: str) -> None:
     """Restore LoRA, optimizer state, timestep generator and gradient scaler exactly as saved in
     ``path`` by :func:`save_best`; the iteration count, optimizer step count and history go on.  The
-    run is left marked as not checkpointed (save it next)."""
+    run is left marked as not checkpointed (save it next).  Several processes (every rank calls it):
+    rank 0 reads ``path`` and broadcasts what it read, so every rank loads the same bits and only
+    rank 0 needs the file."""
     kept = {k: getattr(state, k) for k in _KEPT}
     kept["history"] = list(kept["history"])
-    state.load(path)
+    if distributed.active():
+        tensors, md = distributed.broadcast_object(read_checkpoint(path) if distributed.is_writer() else None)
+        state.load_tensors(tensors, md, path)
+    else:
+        state.load(path)
     for k, v in kept.items():
         setattr(state, k, v)
     state.saved_iteration = None

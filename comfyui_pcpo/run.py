@@ -278,6 +278,11 @@ class RunState:
         """Restore the whole state from ``path``; raises :class:`CheckpointError` naming the file and
         the fix for unreadable, mismatched or non-finite checkpoints.  Nothing changes on error."""
         tensors, md = read_checkpoint(path)
+        self.load_tensors(tensors, md, path)
+
+    def load_tensors(self, tensors: dict, md: dict, path: str) -> None:
+        """:meth:`load` from the (tensors, metadata) of a checkpoint already read (``path`` names it
+        in errors)."""
         saved = RunSettings.from_dict(json.loads(md.get("settings", "{}")))
         changed = saved.fixed_changes(self.settings)
         if changed:

@@ -24,7 +24,7 @@ import comfy.utils
 
 from comfyui_pcpo import rewards as R
 from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, MIN_LR_SCALE, GuardConfig, GuardState,
-                                accept_best, judge, lower_lr, rollback, save_best, scaled_lr)
+                                accept_best, decide, lower_lr, rollback, save_best, scaled_lr)
 from comfyui_pcpo.plan import prediction_from_denoised
 from comfyui_pcpo.rewards.base import RewardMix
 from comfyui_pcpo.rollout import KLToReference, rollout
@@ -368,7 +368,8 @@ class PCPORewardGuard:
         if heldout.run_name != session.run_name:
             raise ValueError(f"the held-out evaluation belongs to run {heldout.run_name!r}, not {session.run_name!r}")
         best_path = os.path.join(session.run_dir, BEST_FILE)
-        verdict = judge(cfg, gs, state.iteration, heldout.reward, heldout.guards, heldout.kl_base)
+        # one verdict for the run: with several processes rank 0 decides and every rank applies it
+        verdict = decide(cfg, gs, state.iteration, heldout.reward, heldout.guards, heldout.kl_base, best_path)
         lines, fields = [], {}
         if verdict.new_best:
             save_best(state, best_path)
@@ -381,8 +382,8 @@ class PCPORewardGuard:
         elif verdict.tripped:
             reason = "; ".join(verdict.reasons)
             event = {"iteration": state.iteration, "reason": reason, "action": action, "to_iteration": None}
-            if gs.best_iteration is not None and os.path.exists(best_path):
-                rollback(state, best_path)
+            if verdict.rollback_to is not None:
+                rollback(state, best_path)  # several processes: every rank loads rank 0's best state
                 event["to_iteration"] = gs.best_iteration
                 if action == "lower_lr":
                     if not lower_lr(gs, lr_factor):

@@ -6,7 +6,13 @@
   train_fraction < 1 and two micro-batches per group so the timestep draws matter; only rank 0
   writes the checkpoint and the export;
 * the 2-rank checkpoint resumes in 1 process and continues exactly as the 1-process run does;
-* a rank that raises ends the job with that error, on every rank, well within the timeout.
+* a rank that raises ends the job with that error, on every rank, well within the timeout;
+* the Reward Guard gives one verdict for the run: with held-out scores that differ between the ranks
+  (rank 0 keeps where rank 1 alone would roll back, then rank 0 rolls back where rank 1 alone would
+  keep) every rank applies rank 0's verdict, holds the same guard state and, after a rollback, the
+  same LoRA / optimizer / generator bits as rank 0's best state; rank 0 alone writes the run's files
+  (the core rule on two gloo ranks without ComfyUI, where rank 1 cannot see the best file at all,
+  and the whole workflow under torchrun).
 """
 from __future__ import annotations
 
@@ -168,3 +174,212 @@ def test_a_failing_rank_stops_the_job_with_its_error(tmp_path):
     assert took < COLLECTIVE_TIMEOUT_S + 90, took  # the peer was stopped, not left to time out
     # the run on disk is the last iteration every rank completed
     assert checkpoint(tmp_path / "out", "dist_fail")[1]["iteration"] == "1"
+
+
+# --------------------------------------------------------------------------- the Reward Guard's verdict
+
+GUARD_CORE_CHILD = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from safetensors.torch import save_file
+from comfyui_pcpo import distributed as D
+from comfyui_pcpo.guard import GuardConfig, GuardState, accept_best, decide, lower_lr, rollback, save_best
+from comfyui_pcpo.run import RunSettings, RunState, new_adapters
+
+torch.set_num_threads(1)
+rank, world = D.init_from_env(timeout_s=60, backend="gloo")
+out = sys.argv[1]
+# rank 1 stands for a process on another machine: it cannot see rank 0's best file
+best = os.path.join(out, "best.safetensors") if rank == 0 else os.path.join(out, "rank1_view", "best.safetensors")
+shapes = {"a": (6, 5), "b": (4, 6)}
+state = RunState(new_adapters(shapes, list(shapes), rank=2, alpha=2.0, seed=0),
+                 RunSettings(rank=2, alpha=2.0, learning_rate=1e-2, seed=0))
+
+def steps(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        with torch.enable_grad():
+            sum((p * torch.randn(p.shape, generator=g)).sum() for p in state.params()).backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        torch.rand(3, generator=state.generator)
+        state.commit({"reward_mean": 0.0}, 1, "r", "pcpo")
+
+cfg, gs, verdicts = GuardConfig(heldout_margin=0.05, action="lower_lr", lr_factor=0.5), GuardState(), []
+steps(2, 1)
+v = decide(cfg, gs, state.iteration, 0.5, {}, None, best)       # both ranks: 0.5, the first best
+verdicts.append([v.reasons, v.new_best, v.rollback_to])
+if v.new_best:
+    save_best(state, best)
+    accept_best(gs, state.iteration, 0.5)
+steps(2, 10 + rank)     # the ranks' states part (sharpens the check that a rollback gives rank 0's bits)
+for scores in ((0.5, 0.0), (0.0, 0.5)):  # rank 0 keeps / rank 1 would roll back, then the other way round
+    v = decide(cfg, gs, state.iteration, scores[rank], {}, None, best)
+    verdicts.append([v.reasons, v.new_best, v.rollback_to])
+    if v.rollback_to is not None:
+        rollback(state, best)
+        lower_lr(gs, cfg.lr_factor)
+tensors, _ = state.state_tensors()
+save_file(tensors, os.path.join(out, f"state{rank}.safetensors"))
+with open(os.path.join(out, f"guard{rank}.json"), "w") as f:
+    json.dump({"guard": gs.to_dict(), "verdicts": verdicts, "iteration": state.iteration}, f)
+D.shutdown()
+"""
+
+
+def _read_tensors(path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _bit_equal(a: dict, b: dict, prefixes=("lora.", "optimizer.", "generator")) -> bool:
+    keys = {k for k in a if k.startswith(prefixes)}
+    return keys == {k for k in b if k.startswith(prefixes)} and bool(keys) and all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_two_ranks_apply_rank_0s_guard_verdict_and_roll_back_to_its_bits(tmp_path):
+    child = tmp_path / "guard_child.py"
+    child.write_text(GUARD_CORE_CHILD, encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(child), str(out), str(REPO_ROOT)]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=runner_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    g0, g1 = (json.loads((out / f"guard{r}.json").read_text()) for r in (0, 1))
+    assert g0 == g1, (g0, g1)  # the same verdicts, guard state and iteration on both ranks
+    (first, keep, trip) = g0["verdicts"]
+    assert first == [[], True, None] and keep == [[], False, None]      # rank 0's scores decide
+    assert trip[1] is False and trip[2] == 2 and "held-out reward 0 fell 0.5" in trip[0][0]
+    assert g0["guard"]["best_iteration"] == 2 and g0["guard"]["best_score"] == 0.5
+    assert g0["guard"]["lr_scale"] == 0.5 and g0["guard"]["evaluations"] == 3
+    s0, s1 = _read_tensors(out / "state0.safetensors"), _read_tensors(out / "state1.safetensors")
+    best = _read_tensors(out / "best.safetensors")
+    assert _bit_equal(s0, best) and _bit_equal(s1, best), "every rank holds rank 0's best state, bit for bit"
+    # rank 0 alone wrote the best file; rank 1 read no file (its view of the folder does not exist)
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "guard0.json", "guard1.json",
+                                                      "state0.safetensors", "state1.safetensors"]
+
+
+# a test-only pack: a held-out reward that scores each rank's n-th evaluation with the constant
+# $PCPO_TEST_HELDOUT_SCORES[rank][n], and a node that dumps each rank's run and guard state after the guard
+GUARD_PACK = r"""
+import json, os
+import torch
+from safetensors.torch import save_file
+from comfyui_pcpo.rewards.base import Reward
+
+
+class _RankScore(Reward):
+    name = "rank_score"
+    calls = 0
+
+    def _score(self, images, prompts):
+        _RankScore.calls += 1
+        scores = json.loads(os.environ["PCPO_TEST_HELDOUT_SCORES"])[os.environ.get("RANK", "0")]
+        return torch.full((images.shape[0],), float(scores[_RankScore.calls - 1]), dtype=torch.float64)
+
+
+class PCPOTestRankScore:
+    CATEGORY = "PCPO/test"
+    FUNCTION = "run"
+    RETURN_TYPES = ("PCPO_REWARD",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def run(self):
+        return (_RankScore(),)
+
+
+class PCPOTestDumpRank:
+    CATEGORY = "PCPO/test"
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"session": ("PCPO_SESSION",), "report": ("STRING", {"forceInput": True})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def run(self, session, report):
+        s = session.live()
+        tensors, _ = s.state.state_tensors()
+        md = {"report": report, "guard": json.dumps(s._pcpo_guard.to_dict()),
+              "lr": json.dumps([g["lr"] for g in s.state.optimizer.param_groups])}
+        name = f"rank{os.environ.get('RANK', '0')}_it{s.state.iteration}.safetensors"
+        save_file(tensors, os.path.join(os.environ["PCPO_TEST_DUMP"], name), md)
+        return {}
+
+
+NODE_CLASS_MAPPINGS = {"PCPOTestRankScore": PCPOTestRankScore, "PCPOTestDumpRank": PCPOTestDumpRank}
+"""
+
+
+def with_guard(api: dict) -> dict:
+    """``api`` plus a Held-out Evaluation every iteration scored by PCPOTestRankScore, a Reward Guard
+    (lower_lr, best exported) and PCPOTestDumpRank after it."""
+    lora = next(nid for nid, n in api.items() if n["class_type"] == "PCPOLoRA")
+    update = next(nid for nid, n in api.items() if n["class_type"] == "PCPOLoRAUpdate")
+    loader = next(nid for nid, n in api.items() if n["class_type"] == "PCPOTestCheckpointLoader")
+    api["91"] = {"class_type": "PCPOTestRankScore", "inputs": {}}
+    api["92"] = {"class_type": "PCPOHeldOutEvaluation", "inputs": {
+        "session": [lora, 1], "clip": [loader, 1], "vae": [loader, 2], "prompts": "a red circle", "negative": "",
+        "every": 1, "samples_per_prompt": 1, "steps": 4, "cfg": 1.0, "eta": 1.0, "scheduler": "simple",
+        "width": 64, "height": 64, "seed": 7, "reward": "brightness", "guard_reward": "(none)",
+        "stats": [update, 1], "reward_model": ["91", 0]}}
+    api["93"] = {"class_type": "PCPORewardGuard", "inputs": {
+        "session": [lora, 1], "heldout": ["92", 0], "heldout_margin": 0.05, "guard_margin": 0.05, "kl_bound": 0.0,
+        "action": "lower_lr", "lr_factor": 0.5, "best_filename": "pcpo_test/{run}_best", "dtype": "fp32"}}
+    api["94"] = {"class_type": "PCPOTestDumpRank", "inputs": {"session": [lora, 1], "report": ["93", 0]}}
+    return api
+
+
+def test_under_torchrun_every_rank_applies_rank_0s_guard_verdict(tmp_path):
+    from safetensors import safe_open
+    pack = tmp_path / "pcpo_guard_test_pack.py"
+    pack.write_text(GUARD_PACK, encoding="utf-8")
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    wf = write_json(tmp_path / "wf.json", with_guard(tiny_sd15(prompts_per_iteration=1, run_name="dist_guard")))
+    # iteration 1: both 0.5 (the first best); 2: rank 0 keeps, rank 1 alone would roll back;
+    # 3: rank 0 rolls back (to iteration 1), rank 1 alone would keep
+    scores = {"0": [0.5, 0.5, 0.0], "1": [0.5, 0.0, 0.5]}
+    env = runner_env(tmp_path, PCPO_TEST_HELDOUT_SCORES=json.dumps(scores), PCPO_TEST_DUMP=dump)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()),
+           *runner_args(wf, tmp_path / "out", 3, tmp_path,
+                        ("--timeout", str(COLLECTIVE_TIMEOUT_S), "--nodes", str(pack)))]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    def read(rank, it):
+        with safe_open(str(dump / f"rank{rank}_it{it}.safetensors"), framework="pt", device="cpu") as f:
+            md = f.metadata()
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(md["guard"]), json.loads(md["lr"])
+
+    for it in (1, 2, 3):
+        (t0, gs0, lr0), (t1, gs1, lr1) = read(0, it), read(1, it)
+        assert gs0 == gs1, (it, gs0, gs1)               # the same guard state on both ranks
+        assert lr0 == lr1, (it, lr0, lr1)
+        assert _bit_equal(t0, t1), f"iteration {it}: the ranks hold different LoRA / optimizer state"
+    g2, g3 = read(0, 2)[1], read(0, 3)[1]
+    assert g2["rollbacks"] == [] and g2["lr_scale"] == 1.0 and g2["best_iteration"] == 1   # rank 0 kept
+    assert g3["lr_scale"] == 0.5 and [e["to_iteration"] for e in g3["rollbacks"]] == [1]   # rank 0 rolled back
+    assert read(0, 3)[2] == [pytest.approx(0.5e-3, rel=1e-12)] * len(read(0, 3)[2])
+    assert _bit_equal(read(1, 3)[0], read(0, 1)[0]), "rank 1 continues from rank 0's best state, bit for bit"
+    run_dir = tmp_path / "out" / "pcpo" / "dist_guard"
+    best = _read_tensors(run_dir / "best.safetensors")
+    assert _bit_equal(best, read(0, 1)[0])              # written once, by rank 0, at iteration 1
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.safetensors", "checkpoint.safetensors",
+                                                          "guard.json", "metrics.jsonl"]
+    assert json.loads((run_dir / "guard.json").read_text()) == g3
+    assert sorted(p.name for p in (tmp_path / "loras" / "pcpo_test").iterdir()) == [
+        "dist_guard.safetensors", "dist_guard_best.safetensors"]
