@@ -28,8 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .distributed import is_writer
-from .run import RunState
-from .trajectory import atomic_save_safetensors
+from .run import RunState, write_checkpoint
 
 ACTIONS = ("stop", "lower_lr", "continue")
 BEST_FILE = "best.safetensors"
@@ -136,7 +135,7 @@ def save_best(state: RunState, path: str) -> None:
     if not is_writer():
         return
     tensors, md = state.state_tensors()
-    atomic_save_safetensors(tensors, path, md)
+    write_checkpoint(path, tensors, md)
 
 
 _KEPT = ("iteration", "optimizer_steps", "history", "last_reward", "last_objective", "stalled_iterations")
