@@ -41,8 +41,7 @@ from typing import Optional
 
 from . import distributed
 from .distributed import is_writer
-from .run import RunState, read_checkpoint
-from .trajectory import atomic_save_safetensors
+from .run import RunState, read_checkpoint, write_checkpoint
 
 ACTIONS = ("stop", "lower_lr", "continue")
 BEST_FILE = "best.safetensors"
@@ -171,7 +170,7 @@ def save_best(state: RunState, path: str) -> None:
     if not is_writer():
         return
     tensors, md = state.state_tensors()
-    atomic_save_safetensors(tensors, path, md)
+    write_checkpoint(path, tensors, md)
 
 
 _KEPT = ("iteration", "optimizer_steps", "history", "last_reward", "last_objective", "stalled_iterations")

@@ -16,15 +16,21 @@
   :meth:`RunState.commit` is the only place that advances the iteration.
 * The checkpoint is ONE safetensors file (LoRA, optimizer state, generator state and metadata),
   written atomically: the rename is the single commit point, so a crash at any moment leaves
-  either the previous or the new state, never a mix.
+  either the previous or the new state, never a mix.  :func:`write_checkpoint` seals it with a
+  SHA-256 of every tensor and of the metadata (whatever keys the file holds);
+  :func:`read_checkpoint` and :meth:`RunState.load` verify checksums, metadata types, shapes,
+  values and optimizer state before anything is used (see :func:`verify_checksums`).
 * :class:`RunRegistry` -- live runs kept in memory between queued prompts, least recently used
   ones evicted (after their state is on disk) beyond a bound.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 import math
+import re
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
@@ -39,10 +45,156 @@ OPTIMIZERS = ("AdamW", "Adam", "SGD")
 FIXED_SETTINGS = ("rank", "alpha", "target_layers", "optimizer", "seed")
 CHECKPOINT_FORMAT = "pcpo-run-2"
 HISTORY_KEPT = 2000
+CHECKSUM_KEY = "pcpo_checksums"  # metadata key: SHA-256 of every tensor and of the other metadata
+CHECKSUM_ALGORITHM = "sha256"
+# Largest |w| accepted in a LoRA weight.  A LoRA starts at |w| of order 1/sqrt(fan-in) (down) and 0
+# (up), and the optimizer moves each weight by about the learning rate (at most 1) per step, so a
+# trained LoRA's weights stay far below 1; 1e4 is beyond any healthy run.  At 1e4 one product
+# up @ down already reaches 1e8 * alpha / rank, past fp16's largest value (65504) and far past what
+# bf16/fp32 models tolerate: such a LoRA produces noise or NaN, never a usable image.
+MAX_LORA_WEIGHT = 1e4
+_NONNEG_INT = re.compile(r"[0-9]{1,18}")
+OPTIMIZER_MOMENTS = {"AdamW": ("step", "exp_avg", "exp_avg_sq"), "Adam": ("step", "exp_avg", "exp_avg_sq"),
+                     "SGD": ("momentum_buffer",)}
+DAMAGED_FIX = ("It was not used: nothing was sampled, trained or written, and the LoRA exported so far (in "
+               "models/loras) is unchanged. To go on, restore the file from a backup and queue again, or resume "
+               "from the previous export: load it with a Load LoRA node in front of the PCPO LoRA node and "
+               "start a new run_name (a new LoRA trains on top of it).")
+
+log = logging.getLogger("comfyui_pcpo")
 
 
 class CheckpointError(ValueError):
     """A run checkpoint that cannot be used as it is (the message names the file and the fix)."""
+
+
+def _damaged(path: str, what: str) -> CheckpointError:
+    return CheckpointError(f"the run checkpoint {path} {what}: the file is damaged. {DAMAGED_FIX}")
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes (as safetensors stores them)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([str(t.dtype).replace("torch.", ""), list(t.shape)]).encode())
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def metadata_digest(md: dict) -> str:
+    """SHA-256 of every metadata entry except the checksums themselves (canonical JSON)."""
+    rest = {k: v for k, v in md.items() if k != CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=True).encode()).hexdigest()
+
+
+def seal(tensors: dict, md: dict) -> dict:
+    """``md`` plus :data:`CHECKSUM_KEY`: the digest of every tensor and of all other metadata, so
+    keys added later (by any writer of the format) are covered without a change here."""
+    md = {k: v for k, v in md.items() if k != CHECKSUM_KEY}
+    sums = {"algorithm": CHECKSUM_ALGORITHM, "metadata": metadata_digest(md),
+            "tensors": {k: tensor_digest(t) for k, t in sorted(tensors.items())}}
+    md[CHECKSUM_KEY] = json.dumps(sums, sort_keys=True)
+    return md
+
+
+def write_checkpoint(path: str, tensors: dict, md: dict) -> None:
+    """The one writer of the run-checkpoint format: seal (:func:`seal`) and write atomically."""
+    atomic_save_safetensors(tensors, path, seal(tensors, md))
+
+
+def verify_checksums(path: str, tensors: dict, md: dict) -> Optional[str]:
+    """Check the checksums of a checkpoint read from ``path``; raises :class:`CheckpointError` on
+    any mismatch, a missing or unlisted tensor.  Returns a note (not an error) for a checkpoint
+    written before checksums existed, None when everything matches."""
+    raw = md.get(CHECKSUM_KEY)
+    if raw is None:
+        return (f"the run checkpoint {path} has no checksums (written by an earlier comfyui-pcpo): its "
+                "structure and values were checked, but a damaged byte inside a weight cannot be detected. "
+                "The next checkpoint of the run carries checksums.")
+    try:
+        sums = json.loads(raw)
+        ok = (isinstance(sums, dict) and sums.get("algorithm") == CHECKSUM_ALGORITHM
+              and isinstance(sums.get("metadata"), str) and isinstance(sums.get("tensors"), dict)
+              and all(isinstance(v, str) for v in sums["tensors"].values()))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _damaged(path, f"has an unreadable {CHECKSUM_KEY!r} entry")
+    if metadata_digest(md) != sums["metadata"]:
+        raise _damaged(path, "has metadata (settings, iteration, history, optimizer settings) that does not "
+                       "match its checksum")
+    listed = sums["tensors"]
+    missing = sorted(set(listed) - set(tensors))
+    if missing:
+        raise _damaged(path, f"lacks {len(missing)} tensor(s) its checksums list (e.g. {missing[0]!r})")
+    unlisted = sorted(set(tensors) - set(listed))
+    if unlisted:
+        raise _damaged(path, f"holds {len(unlisted)} tensor(s) its checksums do not list (e.g. {unlisted[0]!r})")
+    bad = [k for k in sorted(tensors) if tensor_digest(tensors[k]) != listed[k]]
+    if bad:
+        raise _damaged(path, f"holds {len(bad)} tensor(s) whose bytes do not match their checksum (e.g. "
+                       f"{bad[0]!r})")
+    return None
+
+
+def _json_field(path: str, md: dict, key: str, kind: type, default=None):
+    """Metadata entry ``key`` parsed as JSON of type ``kind`` (``default`` when absent or empty)."""
+    raw = md.get(key)
+    if raw is None or (raw == "" and default is not None):
+        if default is None:
+            raise _damaged(path, f"has no {key!r} entry")
+        return default
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, kind):
+        raise _damaged(path, f"has a {key!r} entry that is not a JSON {kind.__name__} ({raw[:60]!r})")
+    return value
+
+
+def _int_field(path: str, md: dict, key: str, required: bool = False) -> int:
+    """Metadata entry ``key`` as a non-negative integer (0 when absent and not ``required``)."""
+    raw = md.get(key)
+    if raw is None or (raw == "" and not required):
+        if required:
+            raise _damaged(path, f"has no {key!r} entry")
+        return 0
+    if not (isinstance(raw, str) and _NONNEG_INT.fullmatch(raw)):
+        raise _damaged(path, f"has {key} {raw[:40]!r}, not a non-negative whole number")
+    return int(raw)
+
+
+def parse_metadata(path: str, md: dict) -> dict:
+    """The run metadata of a checkpoint, every entry parsed and type-checked (raises naming the file)."""
+    out = {"settings": _json_field(path, md, "settings", dict),
+           "iteration": _int_field(path, md, "iteration", required=True),
+           "optimizer_steps": _int_field(path, md, "optimizer_steps"),
+           "stalled_iterations": _int_field(path, md, "stalled_iterations"),
+           "history": _json_field(path, md, "history", list, default=[]),
+           "param_groups": _json_field(path, md, "optimizer_param_groups", list),
+           "scalars": _json_field(path, md, "optimizer_scalars", dict, default={}),
+           "grad_scaler": _json_field(path, md, "grad_scaler", dict, default={}) or None}
+    if not all(isinstance(h, dict) for h in out["history"]):
+        raise _damaged(path, "has a 'history' entry that is not a list of iteration records")
+    groups = out["param_groups"]
+    if not groups or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                             and all(isinstance(i, int) and not isinstance(i, bool) for i in g["params"])
+                             for g in groups):
+        raise _damaged(path, "has 'optimizer_param_groups' without a list of parameter indices per group")
+    if not all(isinstance(k, str) and _NONNEG_INT.fullmatch(k) and isinstance(v, dict)
+               for k, v in out["scalars"].items()):
+        raise _damaged(path, "has an 'optimizer_scalars' entry that is not per-parameter records")
+    for key in ("arch", "last_reward", "last_objective", "optimizer_class"):
+        if key in md and not isinstance(md[key], str):
+            raise _damaged(path, f"has a {key!r} entry that is not text")
+    try:
+        out["run_settings"] = RunSettings.from_dict(out["settings"])
+    except (TypeError, ValueError) as e:
+        raise _damaged(path, f"has settings that are not valid ({e})") from e
+    return out
 
 
 @dataclass(frozen=True)
@@ -152,6 +304,7 @@ class RunState:
         self.grad_scaler = None            # torch.amp.GradScaler under fp16 compute
         self._grad_scaler_state: Optional[dict] = None  # loaded before a scaler was asked for
         self.stalled_iterations = 0        # consecutive iterations without a usable gradient
+        self.load_notes: list = []         # non-fatal findings of the last load (shown by the next update)
 
     def params(self) -> list:
         return [p for a in self.adapters.values() for p in a.parameters()]
@@ -269,21 +422,27 @@ class RunState:
         return tensors, md
 
     def save(self, path: str) -> None:
-        """Write the checkpoint atomically (one file; the rename is the commit point)."""
+        """Write the checkpoint atomically (one file; the rename is the commit point), sealed with
+        the checksums of all it holds (:func:`write_checkpoint`)."""
         tensors, md = self.state_tensors()
-        atomic_save_safetensors(tensors, path, md)
+        write_checkpoint(path, tensors, md)
         self.saved_iteration = self.iteration
 
     def load(self, path: str) -> None:
         """Restore the whole state from ``path``; raises :class:`CheckpointError` naming the file and
-        the fix for unreadable, mismatched or non-finite checkpoints.  Nothing changes on error."""
-        tensors, md = read_checkpoint(path)
-        self.load_tensors(tensors, md, path)
+        the fix for unreadable, damaged, mismatched or non-finite checkpoints.  Everything is checked
+        before anything changes (nothing changes on error).  A checkpoint without checksums (written
+        before they existed) loads, with a note in :attr:`load_notes` and the log."""
+        notes: list = []
+        tensors, md = read_checkpoint(path, notes)
+        self.load_tensors(tensors, md, path, notes)
 
-    def load_tensors(self, tensors: dict, md: dict, path: str) -> None:
-        """:meth:`load` from the (tensors, metadata) of a checkpoint already read (``path`` names it
-        in errors)."""
-        saved = RunSettings.from_dict(json.loads(md.get("settings", "{}")))
+    def load_tensors(self, tensors: dict, md: dict, path: str, notes: Optional[list] = None) -> None:
+        """:meth:`load` from the (tensors, metadata) of a checkpoint already read and verified by
+        :func:`read_checkpoint` (``path`` names it in errors; ``notes`` are its load notes)."""
+        notes = [] if notes is None else notes
+        meta = parse_metadata(path, md)
+        saved = meta["run_settings"]
         changed = saved.fixed_changes(self.settings)
         if changed:
             detail = ", ".join(f"{k}={getattr(saved, k)!r}" for k in changed)
@@ -303,35 +462,46 @@ class RunState:
                                   f"missing, {len(extra)} unknown, e.g. {ex!r}): use a new run_name for this model")
         for n, a in self.adapters.items():
             for part in ("down", "up"):
-                t = tensors[f"lora.{n}.{part}"]
-                if tuple(t.shape) != tuple(getattr(a, part).shape):
+                t, want = tensors[f"lora.{n}.{part}"], getattr(a, part)
+                if tuple(t.shape) != tuple(want.shape):
                     raise CheckpointError(f"the run checkpoint {path} has {n}.{part} of shape {tuple(t.shape)}, the "
-                                          f"model needs {tuple(getattr(a, part).shape)}: use a new run_name")
+                                          f"model needs {tuple(want.shape)}: use a new run_name")
+                if t.dtype != want.dtype:
+                    raise _damaged(path, f"has {n}.{part} stored as {t.dtype}, the run trains {want.dtype}")
         bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise CheckpointError(f"the run checkpoint {path} holds NaN or infinite values ({len(bad)} tensors, e.g. "
                                   f"{bad[0]!r}): the run diverged before it was saved. Delete the file (or move it "
                                   "away) to start the run over, lower the learning rate, or set resume to false.")
+        huge = [(k, float(t.abs().max())) for k, t in tensors.items()
+                if k.startswith("lora.") and t.numel() and float(t.abs().max()) > MAX_LORA_WEIGHT]
+        if huge:
+            k, v = max(huge, key=lambda kv: kv[1])
+            raise CheckpointError(
+                f"the run checkpoint {path} holds LoRA weights of magnitude {v:.3g} ({len(huge)} tensors beyond "
+                f"{MAX_LORA_WEIGHT:g}, e.g. {k!r}): no usable LoRA has weights that large, so the file is damaged "
+                f"or the run diverged before it was saved. {DAMAGED_FIX} If the run diverged, also lower the "
+                "learning rate.")
+        gen = tensors["generator"]
+        reference = torch.Generator().get_state()
+        if gen.dtype != reference.dtype or tuple(gen.shape) != tuple(reference.shape):
+            raise _damaged(path, f"has a generator state of {gen.dtype} {tuple(gen.shape)}, not "
+                           f"{reference.dtype} {tuple(reference.shape)}")
+        try:
+            torch.Generator().set_state(gen.clone())
+        except (RuntimeError, ValueError) as e:
+            raise _damaged(path, f"has a generator state torch refuses ({e})") from e
         opt_class = md.get("optimizer_class")
         if opt_class and opt_class != type(self.optimizer).__name__:
             raise CheckpointError(f"the run checkpoint {path} holds {opt_class} state, not {type(self.optimizer).__name__}: "
                                   "set optimizer back, or use a new run_name")
-        groups = json.loads(md["optimizer_param_groups"])
-        scalars = json.loads(md.get("optimizer_scalars", "{}"))
-        state: dict = {}
-        for k, t in tensors.items():
-            if k.startswith("optimizer."):
-                _, idx, key = k.split(".", 2)
-                state.setdefault(int(idx), {})[key] = t
-        for idx, d in scalars.items():
-            state.setdefault(int(idx), {}).update(d)
+        groups = meta["param_groups"]
+        state = self._check_optimizer_state(path, tensors, meta["scalars"], groups)
         for g in groups:
             if "betas" in g:
                 g["betas"] = tuple(g["betas"])
-        n_params = sum(len(g["params"]) for g in groups)
-        if n_params != len(self.params()):
-            raise CheckpointError(f"the run checkpoint {path} has optimizer state for {n_params} tensors, this LoRA "
-                                  f"has {len(self.params())}: use a new run_name")
+        scaler_state = meta["grad_scaler"]
+        # -- everything is checked: apply
         with torch.inference_mode(False), torch.no_grad():
             for n, a in self.adapters.items():
                 a.down.copy_(tensors[f"lora.{n}.down"])
@@ -339,22 +509,69 @@ class RunState:
             self.optimizer.load_state_dict({"state": state, "param_groups": groups})
             # the learning rate / weight decay of the node win over the saved ones
             self._set_group_hyperparameters(float(self.settings.learning_rate), float(self.settings.weight_decay))
-        self.generator.set_state(tensors["generator"].clone())
-        self.iteration = int(md.get("iteration", 0))
-        self.optimizer_steps = int(md.get("optimizer_steps", 0))
-        self.history = json.loads(md.get("history", "[]"))
+        self.generator.set_state(gen.clone())
+        self.iteration = meta["iteration"]
+        self.optimizer_steps = meta["optimizer_steps"]
+        self.history = meta["history"]
         self.last_reward = md.get("last_reward") or None
         self.last_objective = md.get("last_objective") or None
-        self.stalled_iterations = int(md.get("stalled_iterations") or 0)
-        self._grad_scaler_state = json.loads(md["grad_scaler"]) if md.get("grad_scaler") else None
+        self.stalled_iterations = meta["stalled_iterations"]
+        self._grad_scaler_state = scaler_state
         if self.grad_scaler is not None and self._grad_scaler_state:
             self.grad_scaler.load_state_dict(self._grad_scaler_state)
         self.saved_iteration = self.iteration
+        self.load_notes = notes
+
+    def _check_optimizer_state(self, path: str, tensors: dict, scalars: dict, groups: list) -> dict:
+        """The optimizer state of a checkpoint as ``load_state_dict`` takes it, after checking that it
+        covers exactly this LoRA's parameters, every parameter with state has all its moments, and
+        every moment has its parameter's shape and finite values."""
+        params = self.params()
+        indices = [i for g in groups for i in g["params"]]
+        if len(indices) != len(params):
+            raise CheckpointError(f"the run checkpoint {path} has optimizer state for {len(indices)} tensors, this "
+                                  f"LoRA has {len(params)}: use a new run_name")
+        if sorted(indices) != list(range(len(params))):
+            raise _damaged(path, f"has optimizer parameter indices {sorted(indices)[:8]} that are not 0..{len(params) - 1}")
+        state: dict = {}
+        for k, t in tensors.items():
+            if k.startswith("optimizer."):
+                parts = k.split(".", 2)
+                if len(parts) != 3 or not _NONNEG_INT.fullmatch(parts[1]):
+                    raise _damaged(path, f"has an optimizer entry {k!r} that names no parameter")
+                state.setdefault(int(parts[1]), {})[parts[2]] = t
+        for idx, d in scalars.items():
+            state.setdefault(int(idx), {}).update(d)
+        required = OPTIMIZER_MOMENTS.get(type(self.optimizer).__name__, ())
+        for idx in sorted(state):
+            if idx >= len(params):
+                raise _damaged(path, f"has optimizer state for parameter {idx}, the LoRA has {len(params)}")
+            st, p = state[idx], params[indices.index(idx)]
+            lacking = [k for k in required if k not in st]
+            if lacking:
+                raise _damaged(path, f"lacks the optimizer moment(s) {', '.join(lacking)} of parameter {idx} "
+                               f"(optimizer.{idx}.{lacking[0]})")
+            for key, v in st.items():
+                if key == "step":
+                    step = float(v) if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float)) else None
+                    if step is None or not (0 <= step < math.inf) or step != int(step):
+                        raise _damaged(path, f"has optimizer.{idx}.step {v!r}, not a whole number of steps")
+                elif torch.is_tensor(v):
+                    if tuple(v.shape) != tuple(p.shape):
+                        raise _damaged(path, f"has optimizer.{idx}.{key} of shape {tuple(v.shape)}, its parameter "
+                                       f"has shape {tuple(p.shape)}")
+                    if v.dtype != p.dtype:
+                        raise _damaged(path, f"has optimizer.{idx}.{key} stored as {v.dtype}, its parameter is {p.dtype}")
+                elif v is not None:
+                    raise _damaged(path, f"has optimizer.{idx}.{key} = {v!r}, not a tensor")
+        return state
 
 
-def read_checkpoint(path: str) -> tuple[dict, dict]:
+def read_checkpoint(path: str, notes: Optional[list] = None) -> tuple[dict, dict]:
     """(tensors, metadata) of a run checkpoint, read outside inference mode (tensors are ordinary,
-    so the optimizer can update them in place); unreadable files raise :class:`CheckpointError`."""
+    so the optimizer can update them in place) and verified against its checksums
+    (:func:`verify_checksums`); unreadable or damaged files raise :class:`CheckpointError`.  A
+    checkpoint without checksums is logged and its note appended to ``notes``."""
     from safetensors import safe_open
     try:
         with torch.inference_mode(False), safe_open(path, framework="pt", device="cpu") as f:
@@ -369,6 +586,11 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
             f"{path} is not a {CHECKPOINT_FORMAT} run checkpoint (format {md.get('format')!r}; checkpoints of "
             "comfyui-pcpo 0.1 kept the optimizer in a separate file): use a new run_name, or move the old "
             "run folder away.")
+    note = verify_checksums(path, tensors, md)
+    if note:
+        log.warning("PCPO: %s", note)
+        if notes is not None:
+            notes.append(note)
     for key in ("generator", ):
         if key not in tensors:
             raise CheckpointError(f"the run checkpoint {path} has no {key!r} entry; it is incomplete. Move it away "

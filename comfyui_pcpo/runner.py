@@ -78,15 +78,17 @@ def training_nodes(prompt: dict) -> tuple[str, str, str]:
 
 
 def checkpoint_iteration(path: str) -> Optional[int]:
-    """Iteration stored in a run checkpoint, or None when there is none (or it cannot be read)."""
+    """Iteration stored in a run checkpoint, or None when there is none (or it cannot be read, or
+    holds no non-negative whole number: the PCPO LoRA node's load then names the damage)."""
     if not os.path.isfile(path):
         return None
     try:
         from safetensors import safe_open
         with safe_open(path, framework="pt", device="cpu") as f:
-            return int((f.metadata() or {}).get("iteration", 0))
+            raw = (f.metadata() or {}).get("iteration", "0")
     except Exception:
         return None
+    return int(raw) if isinstance(raw, str) and raw.isascii() and raw.isdigit() else None
 
 
 def format_duration(seconds: float) -> str:

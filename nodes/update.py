@@ -231,6 +231,8 @@ class PCPOLoRAUpdate:
                 "underflow or overflow: set training_precision to bf16 or fp32. Also check that target_layers "
                 "reach the layers that shape the image. The run is saved; queue again after the change.")
         warnings = update_warnings(float(traj.meta.get("eta", 1.0)), stats)
+        warnings += state.load_notes  # findings of the checkpoint this run was resumed from, shown once
+        state.load_notes = []
         text = format_stats(state.iteration, stats)
         log.info("PCPO %s: %s", session.run_name, text)
         for w in warnings:

@@ -8,7 +8,7 @@ import torch
 
 from comfyui_pcpo.lora import LoRAWeightDelta
 from comfyui_pcpo.run import (CheckpointError, RunRegistry, RunSettings, RunState, read_checkpoint,
-                              rollout_generator)
+                              rollout_generator, write_checkpoint)
 
 
 def make_state(optimizer="AdamW", seed=0, **kw):
@@ -106,7 +106,10 @@ def test_unusable_checkpoints_name_the_file_and_change_nothing(tmp_path):
     tensors, md = read_checkpoint(path)
     tensors["optimizer.0.exp_avg"][0, 0] = float("inf")
     from safetensors.torch import save_file
-    save_file(tensors, path, metadata=md)
+    save_file(tensors, path, metadata=md)  # changed behind the checksums' back: damaged
+    with pytest.raises(CheckpointError, match="do not match their checksum"):
+        fresh.load(path)
+    write_checkpoint(path, tensors, md)  # written so by the pack (a diverged run): sealed, but not finite
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         fresh.load(path)
     save_file({"x": torch.zeros(1)}, path, metadata={"format": "something else"})
