@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Mapping, Optional
 
 import torch
