@@ -20,8 +20,12 @@ from __future__ import annotations
 from comfyui_pcpo.validate import check_inputs, input_specs
 
 
-def _checks(cls, values: dict, run_name=None) -> list:
-    errors = check_inputs(cls.INPUT_TYPES(), values, getattr(cls, "OPEN_LISTS", ()))
+def _checks(cls, values: dict, run_name=None, lists: bool = True) -> list:
+    spec = cls.INPUT_TYPES()
+    open_lists = set(getattr(cls, "OPEN_LISTS", ()))
+    if not lists:
+        open_lists |= {k for k, (t, _) in input_specs(spec).items() if isinstance(t, (list, tuple))}
+    errors = check_inputs(spec, values, open_lists)
     extra = getattr(cls, "pcpo_checks", None)
     if extra is not None:
         errors += [e for e in extra(values, run_name=run_name) if e]
@@ -65,7 +69,9 @@ def _pack_classes() -> dict:
 
 def prompt_errors(prompt, run_name=None) -> list:
     """[(node id, display name, message)] of every node of this pack in ``prompt`` (API format)
-    whose constant inputs fail their checks; ``run_name`` fills ``{run}`` in file names."""
+    whose constant inputs fail their checks; ``run_name`` fills ``{run}`` in file names.  List
+    values are left to ComfyUI here: a list of files (reward weights) may lack a file on a node this
+    prompt does not run, and ComfyUI refuses a missing one on every node it runs."""
     if not isinstance(prompt, dict):
         return []
     classes = _pack_classes()
@@ -74,7 +80,7 @@ def prompt_errors(prompt, run_name=None) -> list:
         if not isinstance(node, dict) or node.get("class_type") not in classes:
             continue
         cls, display = classes[node["class_type"]]
-        errors = _checks(cls, constants(cls, node.get("inputs")), run_name=run_name)
+        errors = _checks(cls, constants(cls, node.get("inputs")), run_name=run_name, lists=False)
         if errors:
             found.append((str(nid), display, "; ".join(errors)))
     return found
