@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Mapping, Optional
 
 import torch
 
 from .lora import LoRAWeightDelta, kohya_name
 from .trajectory import atomic_save_safetensors
+from .validate import name_error
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -204,39 +204,35 @@ def diffusers_output_path(root: str, name: str) -> str:
 
 # ----------------------------------------------------------------------------- paths and files
 
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-def safe_output_path(root: str, name: str, suffix: str = ".safetensors") -> str:
+def safe_output_path(root: str, name: str, suffix: str = ".safetensors", label: str = "LoRA file name") -> str:
     """Resolve a user-supplied file name (may contain subfolders, e.g. ``"pcpo/run1"``) inside
-    ``root``; append ``suffix`` when missing.  Rejects empty names, absolute paths, ``..``
-    components and anything whose real path (symlinks resolved) leaves ``root``."""
+    ``root``; append ``suffix`` when missing.  Refuses what :func:`comfyui_pcpo.validate.name_error`
+    refuses (empty, too long, control characters, absolute paths, ``..`` components, ...), a
+    path that is an existing folder, and anything whose real path (symlinks resolved) leaves
+    ``root``.  ``label`` names the input in the messages."""
     hint = ("use a relative name such as 'pcpo/my_lora' (subfolders allowed, no '..', no leading "
             f"'/' or drive letter); it is saved inside {root!r}")
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"empty LoRA file name {name!r}: {hint}")
-    if "\x00" in name:
-        raise ValueError(f"LoRA file name {name!r} contains a NUL character: {hint}")
-    raw = name.strip()
-    norm = raw.replace("\\", "/")
-    if os.path.isabs(raw) or norm.startswith("/") or _DRIVE.match(norm):
-        raise ValueError(f"LoRA file name {name!r} is an absolute path: {hint}")
+    err = name_error(label, name, kind="file")
+    if err:
+        raise ValueError(f"{err}; it is saved inside {root!r}")
+    norm = name.replace("\\", "/")
     parts = [p for p in norm.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise ValueError(f"LoRA file name {name!r} contains '..': {hint}")
-    if not parts or norm.endswith("/"):
-        raise ValueError(f"LoRA file name {name!r} names a folder, not a file: {hint}")
+    if not parts:
+        raise ValueError(f"{label} {name!r} names a folder, not a file: {hint}")
     if suffix and not parts[-1].lower().endswith(suffix.lower()):
         parts[-1] += suffix
     if parts[-1] == suffix:
-        raise ValueError(f"LoRA file name {name!r} has no name before {suffix!r}: {hint}")
+        raise ValueError(f"{label} {name!r} has no name before {suffix!r}: {hint}")
     root_abs = os.path.abspath(root)
     path = os.path.join(root_abs, *parts)
     real_root = os.path.realpath(root_abs)
     real = os.path.realpath(path)
     if os.path.commonpath([real_root, real]) != real_root or real == real_root:
-        raise ValueError(f"LoRA file name {name!r} resolves to {real!r}, outside {real_root!r} "
+        raise ValueError(f"{label} {name!r} resolves to {real!r}, outside {real_root!r} "
                          f"(a symlink?): {hint}")
+    if os.path.isdir(path):
+        raise ValueError(f"{label} {name!r} is the existing folder {path!r}, not a file: use another name, "
+                         "or remove that folder")
     return path
 
 

@@ -29,8 +29,8 @@ MODES = ("best-worst", "score")
 CALIBRATIONS = ("rank", "none")
 SCORE_MIN, SCORE_MAX = 1, 5
 MAX_BODY_BYTES = 64 * 1024
-REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-IMAGE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+REQUEST_ID_RE = re.compile(r"[0-9a-f]{32}")  # used with fullmatch: no trailing newline
+IMAGE_ID_RE = re.compile(r"[0-9a-f]{16}")
 CLOSED_KEPT = 256  # closed requests remembered, so a late submission is told what became of it
 
 
@@ -116,6 +116,45 @@ def image_id(run_name: str, iteration: int, index: int, png: bytes) -> str:
     import hashlib
     h = hashlib.sha256(f"{run_name}\0{iteration}\0{index}\0".encode() + png)
     return h.hexdigest()[:16]
+
+
+MAX_DEPTH = 8  # a submission nests 4 levels deep ({ratings: {group: {scores: {id: n}}}})
+
+
+def _depth(v, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counting no further than ``limit + 1`` (iterative)."""
+    deepest, stack = 0, [(v, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            stack.extend((c, d + 1) for c in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(raw: bytes):
+    """The JSON value of a request body, or :class:`RatingError` (HTTP 400) for anything that is not
+    strict JSON of at most :data:`MAX_DEPTH` levels: invalid UTF-8 or JSON, NaN/Infinity, an
+    integer too long for Python to read (over 4300 digits), nesting too deep for the parser."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RatingError("the body is not UTF-8 text") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise RatingError(f"the body nests too deeply (a submission has at most {MAX_DEPTH} levels)") from None
+    except ValueError as e:  # JSONDecodeError, and the limit on the digits of an integer
+        raise RatingError(f"the body is not valid JSON ({str(e)[:120]})") from None
+    if _depth(value, MAX_DEPTH) > MAX_DEPTH:
+        raise RatingError(f"the body nests too deeply (a submission has at most {MAX_DEPTH} levels)")
+    return value
 
 
 def _int(v, name: str, lo: int, hi: int) -> int:
@@ -280,7 +319,7 @@ class Registry:
         return RequestClosed(state, CLOSED_MESSAGES[state])
 
     def get(self, request_id) -> RatingRequest | None:
-        if not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
+        if not isinstance(request_id, str) or not REQUEST_ID_RE.fullmatch(request_id):
             return None
         with self._lock:
             return self._pending.get(request_id)

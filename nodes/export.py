@@ -26,6 +26,8 @@ from comfyui_pcpo.export import (
     write_lora,
 )
 
+from .validation import verdict
+
 log = logging.getLogger("comfyui-pcpo")
 
 
@@ -68,29 +70,18 @@ def _clear_lora_list_cache() -> None:
 RUN_TOKEN = "{run}"  # in an export name: replaced by the run name
 
 
-def filename_error(filename) -> str | None:
-    """Why ``filename`` cannot be an export name, or None when it can (or is not a constant)."""
+def filename_error(filename, label: str = "filename", run_name: str | None = None) -> str | None:
+    """Why ``filename`` cannot be an export name in the loras folder (the message starts with
+    ``label``), or None when it can (or is not a constant).  ``{run}`` becomes ``run_name`` (when
+    not known yet: a stand-in name; the run name has its own check)."""
     if not isinstance(filename, str):
         return None
     try:
-        safe_output_path(folder_paths.get_folder_paths("loras")[0], filename.replace(RUN_TOKEN, "run"))
+        safe_output_path(folder_paths.get_folder_paths("loras")[0], filename.replace(RUN_TOKEN, run_name or "run"),
+                         label=label)
     except ValueError as e:
-        return f"PCPO Export LoRA filename: {e}"
+        return str(e)
     return None
-
-
-def check_export_names(prompt) -> None:
-    """Raise before any work when an Export LoRA node of the queued ``prompt`` has a bad file name.
-
-    ComfyUI drops an output whose validation failed and still runs the others, so without this a
-    run would sample and train for nothing (and its loop would go on)."""
-    if not isinstance(prompt, dict):
-        return
-    for nid, node in prompt.items():
-        if isinstance(node, dict) and node.get("class_type") == "PCPOExportLoRA":
-            err = filename_error((node.get("inputs") or {}).get("filename"))
-            if err:
-                raise ValueError(f"{err} (node {nid}); fix the name, then queue again")
 
 
 class PCPOExportLoRA:
@@ -141,9 +132,13 @@ class PCPOExportLoRA:
         return float("nan")  # the session is mutable state: always write its current adapters
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename=None, **kw):
-        """A bad file name is refused when the prompt is queued (see also :func:`check_export_names`)."""
-        return filename_error(filename) or True
+    def VALIDATE_INPUTS(cls, filename=None):
+        """A bad file name is refused when the prompt is queued (see nodes/validation.py)."""
+        return verdict(cls, filename=filename)
+
+    @classmethod
+    def pcpo_checks(cls, values: dict, run_name=None) -> list:
+        return [filename_error(values.get("filename"), "filename", run_name)]
 
     def export(self, session, filename, dtype="fp16", also_diffusers=False, stats=None):
         if dtype not in DTYPES:
@@ -158,7 +153,7 @@ class PCPOExportLoRA:
             if not run_name:
                 raise ValueError(f"PCPO Export LoRA: {RUN_TOKEN} in the file name needs a session with a run name")
             filename = filename.replace(RUN_TOKEN, run_name)
-        path = safe_output_path(root, filename)
+        path = safe_output_path(root, filename, label="filename")
         tdtype = DTYPES[dtype]
         if not distributed.is_writer():  # several processes: rank 0 writes the file
             return {"ui": {"text": [f"rank {distributed.context()[0]}: rank 0 writes {path}"]}, "result": (path,)}

@@ -207,6 +207,12 @@ def attach_lora(model, rank: int, alpha: float, preset: str, extra_regex: str = 
             raise ValueError(f"target layers {preset!r} matched no layer of this {model_family(model).arch} "
                              "model; try 'all-linear'")
         adapters = new_adapters(shapes, targets, rank, alpha, seed, device=model.load_device, dtype=dtype)
+        capped = sorted((ad.rank, n) for n, ad in adapters.items() if ad.rank < int(rank))
+        if capped:  # a LoRA's rank cannot exceed its layer's size: said, never silent
+            log.warning(
+                "PCPO: rank %d is larger than %d of %d target layers; they train at their own size (smallest: %s "
+                "at rank %d), with alpha scaled to keep alpha / rank", int(rank), len(capped), len(adapters),
+                capped[0][1], capped[0][0])
     mp = trainable_patcher(model)
     if compute_dtype is not None:
         mp.set_model_compute_dtype(compute_dtype)

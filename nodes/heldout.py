@@ -32,6 +32,7 @@ from comfyui_pcpo.run import heldout_seed
 
 from .dashboard import merge_metrics, preview, to_image_tensor
 from .export import filename_error
+from .validation import verdict
 from .glue import interrupted, lora_multiplier, run_in_guider
 from .prompts import encode_text, read_prompt_lines
 from .reward_models import run_reward
@@ -201,6 +202,11 @@ class PCPOHeldOutEvaluation:
         }}
 
     @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None, eta=None):
+        """The FLOAT inputs, checked when the prompt is queued (finite and in range: see nodes/validation.py)."""
+        return verdict(cls, cfg=cfg, eta=eta)
+
+    @classmethod
     def IS_CHANGED(cls, **kw):
         return float("nan")
 
@@ -348,10 +354,16 @@ class PCPORewardGuard:
         return float("nan")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, best_filename=None, **kw):
-        if isinstance(best_filename, str) and best_filename:
-            return filename_error(best_filename) or True
-        return True
+    def VALIDATE_INPUTS(cls, best_filename=None, heldout_margin=None, guard_margin=None, kl_bound=None,
+                        lr_factor=None):
+        """Checked when the prompt is queued (see nodes/validation.py); ComfyUI checks the others."""
+        return verdict(cls, best_filename=best_filename, heldout_margin=heldout_margin, guard_margin=guard_margin,
+                       kl_bound=kl_bound, lr_factor=lr_factor)
+
+    @classmethod
+    def pcpo_checks(cls, values: dict, run_name=None) -> list:
+        name = values.get("best_filename")
+        return [filename_error(name, "best_filename", run_name)] if isinstance(name, str) and name else []
 
     def guard(self, session, heldout, heldout_margin, guard_margin, kl_bound, action, lr_factor, best_filename,
               dtype):

@@ -14,7 +14,6 @@ client sends is used to build a file path: images are served from the request's 
 """
 from __future__ import annotations
 
-import json
 import logging
 
 from comfyui_pcpo import ratings as H
@@ -70,9 +69,9 @@ def register(routes) -> None:
         if len(raw) > H.MAX_BODY_BYTES:
             return None, error(413, "body too large")
         try:
-            return json.loads(raw.decode("utf-8")), None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None, error(400, "the body is not valid JSON")
+            return H.parse_body(raw), None
+        except H.RatingError as e:
+            return None, error(400, str(e))
 
     @routes.get("/pcpo/ratings/pending")
     async def pending(request):
@@ -83,7 +82,7 @@ def register(routes) -> None:
     async def image(request):
         req = REGISTRY.get(request.match_info["request_id"])
         iid = request.match_info["image_id"]
-        if req is None or not H.IMAGE_ID_RE.match(iid) or iid not in req.images:
+        if req is None or not H.IMAGE_ID_RE.fullmatch(iid) or iid not in req.images:
             return error(404, "no such image in a pending rating request")
         return web.Response(body=req.images[iid], content_type="image/png",
                             headers={"Cache-Control": "no-store"})
@@ -93,6 +92,8 @@ def register(routes) -> None:
         payload, err = await read_json(request)
         if err is not None:
             return err
+        if not isinstance(payload, dict) or not isinstance(payload.get("request_id"), str):
+            return error(400, "send a JSON object {\"request_id\": \"the request's id\", \"ratings\": {...}}")
         try:
             req = REGISTRY.submit(payload)
         except H.RequestClosed as e:
@@ -109,8 +110,8 @@ def register(routes) -> None:
         payload, err = await read_json(request)
         if err is not None:
             return err
-        if not isinstance(payload, dict) or set(payload) != {"request_id"}:
-            return error(400, "send exactly {\"request_id\": ...}")
+        if not isinstance(payload, dict) or set(payload) != {"request_id"} or not isinstance(payload["request_id"], str):
+            return error(400, "send exactly {\"request_id\": \"the request's id\"}")
         try:
             req = REGISTRY.cancel(payload["request_id"])
         except H.RequestClosed as e:

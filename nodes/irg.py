@@ -21,6 +21,9 @@ import comfy.utils
 import folder_paths
 
 from comfyui_pcpo.irg import block_rows, combine, repeat_batch
+from comfyui_pcpo.validate import name_error
+
+from .validation import verdict
 
 try:
     import comfy.lora_convert as _lora_convert
@@ -185,11 +188,22 @@ class PCPOImplicitRewardGuidance:
                                                              "tooltip": f"lambda of LoRA {i}."})
         return inputs
 
+    # whether a LoRA is in models/loras is checked when the node runs, with an error that says where
+    # the file comes from (a shipped workflow names the LoRA another workflow trains)
+    OPEN_LISTS = ("lora_name", "lora_name_2", "lora_name_3")
+
     @classmethod
-    def VALIDATE_INPUTS(cls, lora_name=None, **kw):
-        """Names are checked when the node runs, with an error that says where the file comes from (a
-        shipped workflow names the LoRA another workflow trains)."""
-        return True if lora_name is None or isinstance(lora_name, str) else "lora_name must be a file name"
+    def VALIDATE_INPUTS(cls, lora_name=None, guidance=None, lora_name_2=None, guidance_2=None, lora_name_3=None,
+                        guidance_3=None):
+        """Checked when the prompt is queued (see nodes/validation.py): lambdas finite and in range,
+        LoRA names relative file names."""
+        return verdict(cls, lora_name=lora_name, guidance=guidance, lora_name_2=lora_name_2, guidance_2=guidance_2,
+                       lora_name_3=lora_name_3, guidance_3=guidance_3)
+
+    @classmethod
+    def pcpo_checks(cls, values: dict, run_name=None) -> list:
+        return [name_error(n, values[n], kind="file") for n in cls.OPEN_LISTS
+                if values.get(n) is not None and values[n] != NONE]
 
     def patch(self, model, lora_name, guidance, **kw):
         names, lambdas = [lora_name], [guidance]

@@ -9,6 +9,8 @@ import torch
 
 import folder_paths
 
+from .validation import verdict
+
 NO_FILE = "(none)"
 CACHE_BYTES = 256 * 2 ** 20  # prompt encodings kept per prompt source
 
@@ -102,16 +104,26 @@ class PCPOPrompts:
             "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip":
                                 "Negative prompt used for classifier-free guidance of every sample."}),
             "prompts_per_iteration": ("INT", {"default": 2, "min": 1, "max": 256, "tooltip":
-                                      "Prompts drawn per iteration; each becomes one group of group_size samples."}),
+                                      "Prompts drawn per iteration; each becomes one group of group_size samples "
+                                      "(the reference draws 32-48; at most 256)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True,
                              "tooltip": "Seeds which prompts are drawn."}),
         }}
 
+    OPEN_LISTS = ("prompt_file",)  # listed when the page loaded; checked against the folder now
+
     @classmethod
-    def VALIDATE_INPUTS(cls, prompt_file=None, **kw):
-        if prompt_file not in (None, NO_FILE) and prompt_file not in _txt_files():
-            return f"prompt_file {prompt_file!r} is not a .txt file in ComfyUI's input folder"
-        return True
+    def VALIDATE_INPUTS(cls, prompt_file=None):
+        """Checked when the prompt is queued (see nodes/validation.py); ComfyUI checks the others."""
+        return verdict(cls, prompt_file=prompt_file)
+
+    @classmethod
+    def pcpo_checks(cls, values: dict, run_name=None) -> list:
+        f = values.get("prompt_file")
+        if f not in (None, NO_FILE) and f not in _txt_files():
+            return [f"prompt_file {f!r} is not a .txt file in ComfyUI's input folder: put it there, or pick "
+                    f"{NO_FILE!r} and type the prompts"]
+        return []
 
     def build(self, clip, prompts, prompt_file, negative_prompt, prompts_per_iteration, seed):
         if prompt_file and prompt_file != NO_FILE:

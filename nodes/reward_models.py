@@ -18,6 +18,8 @@ import folder_paths
 from comfyui_pcpo import rewards as R
 from comfyui_pcpo.rewards.base import RewardMix
 
+from .validation import verdict
+
 FOLDER = "pcpo_rewards"
 HF_FOLDERS = (FOLDER, "clip", "clip_vision")
 WEIGHT_EXTS = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -323,6 +325,11 @@ class PCPORewardMix:
             opt[f"weight_{i}"] = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.05,
                                             "tooltip": f"Weight of component {i} (0 leaves it out)."})
         return {"required": {}, "optional": opt}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight_1=None, weight_2=None, weight_3=None, weight_4=None):
+        """The weights, checked when the prompt is queued (finite and in range: see nodes/validation.py)."""
+        return verdict(cls, weight_1=weight_1, weight_2=weight_2, weight_3=weight_3, weight_4=weight_4)
 
     def mix(self, **kw):
         parts = [(kw.get(f"reward_{i}"), kw.get(f"weight_{i}", 1.0)) for i in range(1, MIX_SLOTS + 1)]

@@ -20,8 +20,9 @@ from comfyui_pcpo.plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, check_train
 from comfyui_pcpo.rollout import make_trajectory, rollout
 from comfyui_pcpo.run import rollout_generator, step_noise_seed
 from comfyui_pcpo.trajectory import Trajectory
+from comfyui_pcpo.validate import memory_error, memory_estimate
 
-from .export import check_export_names
+from .validation import check_prompt, verdict
 from .glue import ModelFamily, interrupted, lora_multiplier, run_in_guider, training_flag
 
 
@@ -64,6 +65,60 @@ def latent_shape_for(model, latent, width: int, height: int) -> tuple:
     if width % ds or height % ds:
         raise ValueError(f"width and height must be multiples of {ds} for this model (got {width}x{height})")
     return (int(fmt.latent_channels), height // ds, width // ds)
+
+
+def available_memory(device) -> tuple:
+    """(host bytes available or None, device bytes free or None, whether the device computes in host
+    memory).  Host: psutil's available virtual memory when psutil is installed.  CUDA: free memory
+    plus what torch holds reserved but unused."""
+    host = None
+    try:
+        import psutil
+        host = int(psutil.virtual_memory().available)
+    except Exception:  # psutil missing or unable to read: the host part is not checked
+        host = None
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cpu":
+        return host, host, True
+    if dev.type == "cuda" and torch.cuda.is_available():
+        try:
+            free, _total = torch.cuda.mem_get_info(dev)
+            free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+            return host, int(free), False
+        except Exception:
+            return host, None, False
+    return host, None, False
+
+
+def prompt_micro_batch(prompt) -> int | None:
+    """The largest constant micro_batch of the PCPO LoRA Update nodes in the queued prompt."""
+    found = []
+    for node in (prompt or {}).values() if isinstance(prompt, dict) else ():
+        if isinstance(node, dict) and node.get("class_type") == "PCPOLoRAUpdate":
+            mb = (node.get("inputs") or {}).get("micro_batch")
+            if isinstance(mb, int) and not isinstance(mb, bool):
+                found.append(mb)
+    return max(found) if found else None
+
+
+def check_memory(session, groups: int, group_size: int, steps: int, shape: tuple, cfg: float,
+                 micro_batch: int | None) -> None:
+    """Refuse, before sampling, an iteration whose recorded rollout or gradient pass cannot fit
+    (``comfyui_pcpo.validate.memory_estimate``: a lower bound), naming the inputs to lower."""
+    model = session.model
+    try:
+        model_bytes = int(session.base_model.model_size())
+    except Exception:
+        model_bytes = 0
+    elements = int(math.prod(shape))
+    est = memory_estimate(groups * group_size, steps, elements, model_bytes, micro_batch, guided=cfg != 1.0,
+                          checkpointing=bool(getattr(session.options, "checkpointing", False)))
+    host, dev, same = available_memory(getattr(model, "load_device", None))
+    sizes = (f"{groups} groups x group_size {group_size} x {steps} steps x latent {'x'.join(map(str, shape))}"
+             + (f", micro_batch {micro_batch}" if micro_batch else ""))
+    err = memory_error(est, host, dev, sizes, same_memory=same)
+    if err:
+        raise ValueError(f"PCPO Trajectory Sampler: {err}. Nothing was sampled")
 
 
 def start_latents(model, latent, groups: int) -> list:
@@ -151,13 +206,18 @@ class PCPOTrajectorySampler:
         }, "hidden": {"prompt": "PROMPT"}}
 
     @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None, eta=None):
+        """The FLOAT inputs, checked when the prompt is queued (finite and in range: see nodes/validation.py)."""
+        return verdict(cls, cfg=cfg, eta=eta)
+
+    @classmethod
     def IS_CHANGED(cls, **kw):
         return float("nan")  # every queue is a new rollout of the live policy
 
     def sample(self, session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule, scheduler,
                width, height, groups, prompts=None, positive=None, negative=None, latent=None, sigmas=None,
                prompt=None):
-        check_export_names(prompt)  # the first node that runs every iteration: refuse before sampling
+        check_prompt(prompt, getattr(session, "run_name", None))  # the first node that runs every iteration
         if group_size < 2:
             raise ValueError("group_size must be at least 2: PCPO compares samples of the same prompt "
                              "(group-relative advantages); use 4 or more")
@@ -168,13 +228,14 @@ class PCPOTrajectorySampler:
         try:
             with training_flag():  # the numerics of the gradient pass
                 return self._sample(session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule,
-                                    scheduler, width, height, groups, prompts, positive, negative, latent, sigmas)
+                                    scheduler, width, height, groups, prompts, positive, negative, latent, sigmas,
+                                    prompt_micro_batch(prompt))
         except comfy.model_management.InterruptProcessingException:
             session.save_if_dirty()  # Cancel: the run on disk is the run in memory
             raise
 
     def _sample(self, session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule, scheduler,
-                width, height, groups, prompts, positive, negative, latent, sigmas):
+                width, height, groups, prompts, positive, negative, latent, sigmas, micro_batch=None):
         model = session.model
         fam = session.family
         ms = model.get_model_object("model_sampling")
@@ -203,6 +264,7 @@ class PCPOTrajectorySampler:
         else:
             raise ValueError("wire either PCPO Prompts or positive/negative CONDITIONING into the Trajectory Sampler")
 
+        check_memory(session, len(conds), int(group_size), plan.num_steps, shape, float(cfg), micro_batch)
         starts = start_latents(model, latent, len(conds))
         G = int(group_size)
         sigma0 = float(sig[0])
@@ -292,6 +354,11 @@ class PCPOSampler:
                                 "SDE either way."}),
             "flow_noise_rule": (list(FLOW_NOISE_RULES), {"default": "constant", "tooltip": FLOW_NOISE_TOOLTIP}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, eta=None):
+        """The FLOAT inputs, checked when the prompt is queued (finite and in range: see nodes/validation.py)."""
+        return verdict(cls, eta=eta)
 
     def get_sampler(self, eta, rollout_variant, flow_noise_rule):
         return (comfy.samplers.KSAMPLER(pcpo_sample, {"eta": eta, "variant": rollout_variant,

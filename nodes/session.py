@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import uuid
 from dataclasses import dataclass
 
@@ -24,13 +23,14 @@ from comfyui_pcpo.lora import TARGET_PRESETS
 from comfyui_pcpo.precision import PRECISIONS, Precision, resolve_precision
 from comfyui_pcpo.run import OPTIMIZERS, CheckpointError, RunRegistry, RunSettings, RunState
 
-from .export import check_export_names
+from comfyui_pcpo.validate import name_error
+
 from .glue import attach_lora, model_family
 from .loop import loop_marker
+from .validation import check_prompt, verdict
 
 log = logging.getLogger("comfyui-pcpo")
 
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 SESSIONS = RunRegistry(max_live=int(os.environ.get("PCPO_MAX_LIVE_RUNS", "2") or 2))
 CHECKPOINTING = ("auto", "on", "off")
 # architectures whose activations make gradient checkpointing worth its recomputation by default
@@ -54,9 +54,9 @@ class TrainingOptions:
 
 
 def check_run_name(run_name: str) -> str:
-    if not isinstance(run_name, str) or not _RUN_NAME.match(run_name) or ".." in run_name:
-        raise ValueError(f"run_name {run_name!r} is not valid: use letters, digits, '_', '-' or '.' "
-                         "(no slashes, no '..'), e.g. 'pcpo_run'")
+    err = name_error("run_name", run_name, kind="run")
+    if err:
+        raise ValueError(err)
     return run_name
 
 
@@ -237,15 +237,19 @@ class PCPOLoRA:
                                 "changed: training happens on a copy."}),
             "run_name": ("STRING", {"default": "pcpo_run", "tooltip": "Name of the run: its checkpoint lives in "
                                     "output/pcpo/RUN_NAME/. Re-using a name continues that run."}),
-            "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (reference: 16). Fixed for "
-                             "the life of a run."}),
+            "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (reference: 16; 4-64 is "
+                             "usual, 256 the most accepted: a larger rank costs memory without training better). "
+                             "A layer smaller than the rank gets the layer's size (logged). Fixed for the life of "
+                             "a run."}),
             "alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.5,
-                                "tooltip": "LoRA alpha; the update is scaled by alpha / rank. Fixed for the life of a run."}),
+                                "tooltip": "LoRA alpha; the update is scaled by alpha / rank (usual: alpha = rank; "
+                                "at most 1024, 4 x the largest rank). Fixed for the life of a run."}),
             "target_layers": (list(TARGET_PRESETS), {"default": "attention", "tooltip":
                               "Which layers get a LoRA: attention projections (reference), + MLPs, all linear "
                               "layers, or all linear and conv layers. Fixed for the life of a run."}),
-            "learning_rate": ("FLOAT", {"default": 3e-4, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
-                                        "tooltip": "Optimizer learning rate (6 decimals, e.g. 0.000005 = 5e-6). "
+            "learning_rate": ("FLOAT", {"default": 3e-4, "min": 0.0, "max": 0.1, "step": 1e-6, "round": False,
+                                        "tooltip": "Optimizer learning rate (6 decimals, e.g. 0.000005 = 5e-6; at "
+                                        "most 0.1, which already destroys a LoRA with Adam in a few steps). "
                                         "Start with 3e-4 for a LoRA (the reference); lower it (1e-4 or less) if the "
                                         "reward jumps around or the images break, raise it if nothing changes in 20 "
                                         "iterations. A new value applies from the next update, also after resuming."}),
@@ -271,18 +275,18 @@ class PCPOLoRA:
         }, "hidden": {"unique_id": "UNIQUE_ID", "extra_pnginfo": "EXTRA_PNGINFO", "prompt": "PROMPT"}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, run_name=None, **kw):
-        if run_name is not None:  # a constant widget value: checked when the prompt is queued
-            try:
-                check_run_name(run_name)
-            except ValueError as e:
-                return str(e)
-        return True
+    def VALIDATE_INPUTS(cls, run_name=None, alpha=None, learning_rate=None, weight_decay=None):
+        """Checked when the prompt is queued (see nodes/validation.py); ComfyUI checks the others."""
+        return verdict(cls, run_name=run_name, alpha=alpha, learning_rate=learning_rate, weight_decay=weight_decay)
+
+    @classmethod
+    def pcpo_checks(cls, values: dict, run_name=None) -> list:
+        return [name_error("run_name", values["run_name"], kind="run")] if values.get("run_name") is not None else []
 
     def create(self, model, run_name, rank, alpha, target_layers, learning_rate, optimizer, weight_decay, seed, resume,
                training_precision="auto", gradient_checkpointing="auto", unique_id=None, extra_pnginfo=None,
                prompt=None):
-        check_export_names(prompt)  # refuse before any sampling or training
+        check_prompt(prompt, run_name if isinstance(run_name, str) else None)  # refuse before any work
         settings = RunSettings(rank=int(rank), alpha=float(alpha), target_layers=target_layers,
                                learning_rate=float(learning_rate), optimizer=optimizer,
                                weight_decay=float(weight_decay), seed=int(seed))

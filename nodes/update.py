@@ -17,6 +17,7 @@ from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, candidate_steps
 
 from .glue import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
 from .loop import loop_target, requeue
+from .validation import verdict
 from .dashboard import record_iteration
 from .heldout import apply_guard_lr
 
@@ -137,6 +138,11 @@ class PCPOLoRAUpdate:
             "checkpoint_every": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip":
                                          "Write the run checkpoint every this many iterations (and at the end)."}),
         }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_range=None, advantage_clip=None, train_fraction=None, grad_clip=None):
+        """The FLOAT inputs, checked when the prompt is queued (finite and in range: see nodes/validation.py)."""
+        return verdict(cls, clip_range=clip_range, advantage_clip=advantage_clip, train_fraction=train_fraction, grad_clip=grad_clip)
 
     @classmethod
     def IS_CHANGED(cls, **kw):

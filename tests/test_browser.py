@@ -551,7 +551,7 @@ def test_human_rating_panel_rates_and_the_update_uses_exactly_those_rewards(page
         "unknown request id": (json.dumps({"request_id": "0" * 32, "ratings": {}}).encode(), 404),
         "request id of another shape": (json.dumps({"request_id": "../../etc/passwd", "ratings": {}}).encode(), 404),
         "not JSON": (b"{request_id:", 400),
-        "not an object": (b"[1, 2]", 404),
+        "not an object": (b"[1, 2]", 400),
         "extra field": (json.dumps({"request_id": rid, "ratings": {}, "path": "/tmp/x"}).encode(), 400),
         "image of another group": (json.dumps({"request_id": rid, "ratings": {
             str(g0["group"]): {"best": g1["images"][0], "worst": g0["images"][1]}}}).encode(), 400),
