@@ -348,6 +348,28 @@ def _layout(page) -> dict:
     return page.js(_LAYOUT_JS)
 
 
+def _wait_images(page, ids: set, what: str, timeout: float):
+    """Wait until the nodes ``ids`` show their images.  The frontend loads a node's images, and grows the
+    node to fit them, when it draws the node, so each is brought into view as a user scrolls to it; then
+    the opened view comes back."""
+    view = page.js("return [app.canvas.ds.scale, Array.from(app.canvas.ds.offset)]")
+
+    def shown():
+        have = page.js("""const out = [];
+            for (const id of arguments[0]) {
+              const n = app.graph.getNodeById(id);
+              if ((n.imgs || []).length) { out.push(id); continue; }
+              app.canvas.centerOnNode(n); app.canvas.draw(true, true);
+            }
+            return out;""", sorted(ids))
+        return set(have) >= ids
+    try:
+        page.wait(what, shown, timeout=timeout, every=0.5)
+    finally:
+        page.js("app.canvas.ds.scale = arguments[0]; app.canvas.ds.offset = arguments[1];"
+                "app.canvas.setDirty(true, true)", *view)
+
+
 def _assert_no_overlap(name: str, lay: dict):
     from test_workflow_layout import overlaps
     boxes = {n["id"]: n["box"] for n in lay["nodes"]}
@@ -378,7 +400,7 @@ def test_shipped_workflow_opens_readable_and_its_nodes_keep_apart_when_outputs_a
     """In the 1600x1000 window: the zoom the page opened at (app.canvas.ds.scale) is at least 0.6, the
     first nodes lie whole in the free part of the page, and no two nodes overlap, neither as loaded nor
     after every image and text node got an output (the frontend then grows nodes to fit them)."""
-    from test_workflow_layout import FIRST_TYPES, MIN_SCALE, SIDE_BAR, TOP_BARS, WINDOW
+    from test_workflow_layout import FIRST_TYPES, MIN_SCALE, WINDOW, outside_view
     from PIL import Image
     page.load(_read(path))
     page.close_dialogs()
@@ -390,16 +412,13 @@ def test_shipped_workflow_opens_readable_and_its_nodes_keep_apart_when_outputs_a
         if n["type"] in FIRST_TYPES:
             x0, y0, x1, y1 = n["box"]
             screen = [(x0 + ox) * s + cx, (y0 + oy) * s + cy, (x1 + ox) * s + cx, (y1 + oy) * s + cy]
-            assert (screen[0] >= SIDE_BAR and screen[1] >= TOP_BARS and screen[2] <= lay["window"][0]
-                    and screen[3] <= lay["window"][1]), (path.name, n["type"], [round(v) for v in screen])
+            assert not outside_view(screen, lay["window"]), (path.name, n["type"], [round(v) for v in screen])
     _assert_no_overlap(path.name + " as loaded", lay)
     image = "pcpo_layout_test.png"
     (page.base / "input").mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (1024, 768), (40, 120, 200)).save(page.base / "input" / image)
     _show_outputs(page, image)
-    want = {n["id"] for n in lay["nodes"] if n["type"] in IMAGE_NODES}
-    page.wait("the images on the nodes", lambda: {n["id"] for n in page.js(_LAYOUT_JS)["nodes"] if n["imgs"]} >= want,
-              timeout=20)
+    _wait_images(page, {n["id"] for n in lay["nodes"] if n["type"] in IMAGE_NODES}, "the images on the nodes", 20)
     after = _layout(page)
     if path.stem in ("demo_tiny_pcpo", "demo_tiny_human_rating"):
         page.shot(f"layout_outputs_{path.stem}")
@@ -422,8 +441,7 @@ def test_demo_run_from_the_page_leaves_no_node_over_another(page):
     assert [h["status"]["status_str"] for h in _mine(page, run)] == ["success"]
     want = {n["id"] for n in before["nodes"] if n["type"] in IMAGE_NODES}
     assert {_node_of(wf, t)["id"] for t in ("PreviewImage", "PCPOHeldOutEvaluation", "PCPODashboard")} <= want
-    page.wait("the run's images on the nodes",
-              lambda: {n["id"] for n in page.js(_LAYOUT_JS)["nodes"] if n["imgs"]} >= want, timeout=30)
+    _wait_images(page, want, "the run's images on the nodes", 30)
     page.wait("the stats on the Update node", lambda: "iteration 1/" in page.node_text(7), timeout=10)
     after = _layout(page)
     page.shot("layout_demo_after_run")

@@ -26,10 +26,11 @@ UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 
 TITLE_H = 30                # LiteGraph.NODE_TITLE_HEIGHT
 MIN_SCALE = 0.6             # LiteGraph's low_quality threshold: below it nodes are drawn as empty boxes
-# a 1600x1000 Chromium window: its page is 1600 x 857 CSS px (measured by tests/test_browser.py); the
-# frontend's side bar covers the left SIDE_BAR px and its menu, workflow tabs and Run bar the top TOP_BARS px
+# a 1600x1000 Chromium window: its page is 1600x857 CSS px (tests/test_browser.py checks that); the
+# frontend 1.32 covers the canvas with its side bar (left SIDE_BAR px), its banner, workflow tabs,
+# workflow menu and Run bar (top TOP_BARS px) and the canvas tool bar (bottom BOTTOM_BAR px)
 WINDOW = (1600, 857)
-SIDE_BAR, TOP_BARS = 56, 100
+SIDE_BAR, TOP_BARS, BOTTOM_BAR = 56, 135, 50
 GAP = 20                    # canvas units between two nodes' rectangles
 FIRST_TYPES = {"CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader", "PCPODemoModelLoader",
                "PCPOLoRA", "PCPOImplicitRewardGuidance", "PCPOTrajectorySampler", "KSampler"}
@@ -57,7 +58,7 @@ def on_screen(box, scale, offset) -> tuple:
 
 
 def outside_view(box, window=WINDOW) -> bool:
-    return box[0] < SIDE_BAR or box[1] < TOP_BARS or box[2] > window[0] or box[3] > window[1]
+    return box[0] < SIDE_BAR or box[1] < TOP_BARS or box[2] > window[0] or box[3] > window[1] - BOTTOM_BAR
 
 
 def _load(path):
@@ -74,8 +75,8 @@ def test_workflow_opens_at_a_readable_zoom_with_its_first_nodes_in_view(path):
     assert first, f"{path.name} has none of the first nodes {sorted(FIRST_TYPES)}"
     out = {n["type"]: [round(v) for v in on_screen(boxes[n["id"]], ds["scale"], ds["offset"])]
            for n in first if outside_view(on_screen(boxes[n["id"]], ds["scale"], ds["offset"]))}
-    assert not out, (f"{path.name}: first nodes outside the free {WINDOW[0] - SIDE_BAR}x{WINDOW[1] - TOP_BARS} "
-                     f"px of the page (left {SIDE_BAR}, top {TOP_BARS}): {out}")
+    assert not out, (f"{path.name}: first nodes outside the free part of the page (left {SIDE_BAR}, top {TOP_BARS}, "
+                     f"bottom {BOTTOM_BAR} px covered): {out}")
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
@@ -97,3 +98,5 @@ def test_the_checks_see_an_overlap_and_a_node_out_of_view():
     assert not outside_view(on_screen((100, 200, 300, 400), 1.0, (0, 0)))
     assert outside_view(on_screen((100, 200, 1700, 400), 1.0, (0, 0)))
     assert outside_view(on_screen((100, 200, 300, 400), 1.0, (-60, 0)))
+    assert outside_view(on_screen((100, 200, 300, 400), 1.0, (0, -80)))
+    assert outside_view(on_screen((100, 200, 300, 420), 2.0, (0, 0)))  # its bottom under the tool bar
