@@ -7,6 +7,9 @@ for the module; screenshots of each step go to the module's temp folder (printed
   whose preview shows a description's run folder (output/pcpo/RUN_NAME/) in full;
 * every shipped UI workflow loads with no missing-node dialog (a workflow with an unknown node does
   show it) and with every widget value where the JSON puts it; learning rate and clip range take 5e-6;
+* every shipped workflow opens at zoom 0.6 or more (app.canvas.ds.scale) with its first nodes in the
+  free part of the 1600x1000 window, and no node overlaps another, as loaded and after every image
+  and text node got an output, and after the demo ran once from the Run button;
 * a PCPO LoRA, Trajectory Sampler, Prompts or Held-out Evaluation added from the node menu has its
   seed's control after generate on fixed (a workflow keeps its stored value), and the demo with a
   PCPO LoRA added from the menu trains on both of two presses of Run, and its Update node explains
