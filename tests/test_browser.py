@@ -7,6 +7,9 @@ for the module; screenshots of each step go to the module's temp folder (printed
   whose preview shows a description's run folder (output/pcpo/RUN_NAME/) in full;
 * every shipped UI workflow loads with no missing-node dialog (a workflow with an unknown node does
   show it) and with every widget value where the JSON puts it; learning rate and clip range take 5e-6;
+* every shipped workflow opens at zoom 0.6 or more (app.canvas.ds.scale) with its first nodes in the
+  free part of the 1600x1000 window, and no node overlaps another, as loaded and after every image
+  and text node got an output, and after the demo ran once from the Run button;
 * a PCPO LoRA, Trajectory Sampler, Prompts or Held-out Evaluation added from the node menu has its
   seed's control after generate on fixed (a workflow keeps its stored value), and the demo with a
   PCPO LoRA added from the menu trains on both of two presses of Run, and its Update node explains
@@ -318,20 +321,137 @@ def test_shipped_workflow_loads_with_its_widget_values(page, path):
                 assert g == pytest.approx(w, rel=1e-9, abs=1e-12), (path.name, n["type"], node["values"], want)
             else:
                 assert g == w, (path.name, n["type"], node["names"], node["values"], want)
+    # frontend 1.32 restores the stored view as it is (it fits the graph to the window only without one);
+    # test_shipped_workflow_opens_readable checks what that view shows
     assert got["ds"]["scale"] == pytest.approx(wf["extra"]["ds"]["scale"])
-    # the stored view shows the whole graph right of the side bar, below the tab bar, inside the width
-    box = page.js("""
-        const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
-        let x0 = 1e9, y0 = 1e9, x1 = -1e9;
-        for (const n of app.graph._nodes) {
-          x0 = Math.min(x0, (n.pos[0] + ds.offset[0]) * ds.scale + r.left);
-          y0 = Math.min(y0, (n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT + ds.offset[1]) * ds.scale + r.top);
-          x1 = Math.max(x1, (n.pos[0] + n.size[0] + ds.offset[0]) * ds.scale + r.left);
-        }
-        return [x0, y0, x1, window.innerWidth];""")
-    assert box[0] >= 56 and box[1] >= 100 and box[2] <= box[3], (path.name, box)
+    assert got["ds"]["offset"] == pytest.approx(wf["extra"]["ds"]["offset"])
     if path.stem in ("demo_tiny_pcpo", "demo_tiny_human_rating", "pcpo_flux_dev_hps_ocr"):
         page.shot(f"workflow_{path.stem}")
+
+
+# --------------------------------------------------------------------------- layout on the page
+
+# nodes that show a run's images (the frontend's image preview needs 220 px of the node) and the PCPO
+# nodes whose ui text pcpo.js or a later frontend draws on the node
+IMAGE_NODES = ("PreviewImage", "SaveImage", "PCPOHeldOutEvaluation", "PCPODashboard")
+TEXT_NODES = ("PCPOLoRAUpdate", "PCPOExportLoRA", "PCPOHumanRating", "PCPOHeldOutEvaluation", "PCPORewardGuard")
+
+_LAYOUT_JS = """
+    const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect(), th = LiteGraph.NODE_TITLE_HEIGHT;
+    return {scale: ds.scale, offset: Array.from(ds.offset), canvas: [r.left, r.top],
+            window: [window.innerWidth, window.innerHeight],
+            nodes: app.graph._nodes.map(n => ({id: n.id, type: n.type, imgs: (n.imgs || []).length,
+              text: n.__pcpoText ? n.__pcpoText.textContent.length : 0,
+              box: [n.pos[0], n.pos[1] - th, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]}))};"""
+
+
+def _layout(page) -> dict:
+    page.js("app.canvas.draw(true, true)")  # the frontend grows a node to fit its widgets while drawing it
+    time.sleep(0.3)
+    return page.js(_LAYOUT_JS)
+
+
+def _wait_images(page, ids: set, what: str, timeout: float):
+    """Wait until the nodes ``ids`` show their images.  The frontend loads a node's images, and grows the
+    node to fit them, when it draws the node, so each is brought into view as a user scrolls to it; then
+    the opened view comes back."""
+    view = page.js("return [app.canvas.ds.scale, Array.from(app.canvas.ds.offset)]")
+
+    def shown():
+        have = page.js("""const out = [];
+            for (const id of arguments[0]) {
+              const n = app.graph.getNodeById(id);
+              if ((n.imgs || []).length) { out.push(id); continue; }
+              app.canvas.centerOnNode(n); app.canvas.draw(true, true);
+            }
+            return out;""", sorted(ids))
+        return set(have) >= ids
+    try:
+        page.wait(what, shown, timeout=timeout, every=0.5)
+    finally:
+        page.js("app.canvas.ds.scale = arguments[0]; app.canvas.ds.offset = arguments[1];"
+                "app.canvas.setDirty(true, true)", *view)
+
+
+def _assert_no_overlap(name: str, lay: dict):
+    from test_workflow_layout import overlaps
+    boxes = {n["id"]: n["box"] for n in lay["nodes"]}
+    types = {n["id"]: n["type"] for n in lay["nodes"]}
+    bad = [(types[i], i, [round(v) for v in boxes[i]], types[j], j, [round(v) for v in boxes[j]])
+           for i, j in overlaps(boxes)]
+    assert not bad, f"{name}: nodes overlap on the page: {bad}"
+
+
+def _show_outputs(page, image: str):
+    """Deliver, as the server's executed messages do, an image to every node that shows images and
+    a text to every node that shows text."""
+    page.js("""const api = window.comfyAPI.api.api;
+        for (const n of app.graph._nodes) {
+          const output = {};
+          if (arguments[0].includes(n.type)) output.images = [{filename: arguments[2], subfolder: '', type: 'input'}];
+          if (arguments[1].includes(n.type)) output.text = ['iter 1: reward 0.5000 ± 0.1000 | zero-std groups 0/2 '
+                                                           .repeat(6)];
+          if (n.type === 'PCPOLoRAUpdate') output.pcpo_stats = [{iteration: 1, target_iteration: 2,
+                                                                 reward_mean: 0.5, running_mean: 0.5, running_count: 1}];
+          if (Object.keys(output).length) api.dispatchCustomEvent('executed',
+            {node: String(n.id), display_node: String(n.id), output, prompt_id: 'layout-test'});
+        }""", list(IMAGE_NODES), list(TEXT_NODES), image)
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
+def test_shipped_workflow_opens_readable_and_its_nodes_keep_apart_when_outputs_arrive(page, path):
+    """In the 1600x1000 window: the zoom the page opened at (app.canvas.ds.scale) is at least 0.6, the
+    first nodes lie whole in the free part of the page, and no two nodes overlap, neither as loaded nor
+    after every image and text node got an output (the frontend then grows nodes to fit them)."""
+    from test_workflow_layout import FIRST_TYPES, MIN_SCALE, WINDOW, outside_view
+    from PIL import Image
+    page.load(_read(path))
+    page.close_dialogs()
+    lay = _layout(page)
+    assert lay["window"] == list(WINDOW), lay["window"]  # what tests/test_workflow_layout.py assumes
+    assert lay["scale"] >= MIN_SCALE, f"{path.name} opened at {lay['scale']:.0%} zoom"
+    s, (ox, oy), (cx, cy) = lay["scale"], lay["offset"], lay["canvas"]
+    for n in lay["nodes"]:
+        if n["type"] in FIRST_TYPES:
+            x0, y0, x1, y1 = n["box"]
+            screen = [(x0 + ox) * s + cx, (y0 + oy) * s + cy, (x1 + ox) * s + cx, (y1 + oy) * s + cy]
+            assert not outside_view(screen, lay["window"]), (path.name, n["type"], [round(v) for v in screen])
+    _assert_no_overlap(path.name + " as loaded", lay)
+    image = "pcpo_layout_test.png"
+    (page.base / "input").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (1024, 768), (40, 120, 200)).save(page.base / "input" / image)
+    _show_outputs(page, image)
+    _wait_images(page, {n["id"] for n in lay["nodes"] if n["type"] in IMAGE_NODES}, "the images on the nodes", 20)
+    after = _layout(page)
+    if path.stem in ("demo_tiny_pcpo", "demo_tiny_human_rating"):
+        page.shot(f"layout_outputs_{path.stem}")
+    _assert_no_overlap(path.name + " with outputs", after)
+
+
+def test_demo_run_from_the_page_leaves_no_node_over_another(page):
+    """The demo run once with Run: after its images (preview, held-out grid, dashboard) and texts
+    appeared, no node's rectangle overlaps another's."""
+    run = f"browser_layout_{uuid.uuid4().hex[:6]}"
+    wf = _read(WORKFLOWS / "demo_tiny_pcpo.json")
+    page.load(wf)
+    _shrink_demo(page, run, 1)
+    held = _node_of(wf, "PCPOHeldOutEvaluation")["id"]
+    page.set_widgets(held, {"steps": 4})
+    before = _layout(page)
+    page.button("Run", "Queue Prompt", "Queue")
+    page.wait("the run to be queued", lambda: len(_mine(page, run)) >= 1, timeout=30)
+    _wait_idle(page)
+    assert [h["status"]["status_str"] for h in _mine(page, run)] == ["success"]
+    want = {n["id"] for n in before["nodes"] if n["type"] in IMAGE_NODES}
+    assert {_node_of(wf, t)["id"] for t in ("PreviewImage", "PCPOHeldOutEvaluation", "PCPODashboard")} <= want
+    _wait_images(page, want, "the run's images on the nodes", 30)
+    page.wait("the stats on the Update node", lambda: "iteration 1/" in page.node_text(7), timeout=10)
+    after = _layout(page)
+    page.shot("layout_demo_after_run")
+    grown = {n["id"]: n["box"][3] - b["box"][3] for n, b in zip(after["nodes"], before["nodes"])
+             if n["box"][3] != b["box"][3]}
+    _assert_no_overlap("demo_tiny_pcpo after a run", after)
+    print(f"\nnodes grown by the run (id: px): {grown}")
 
 
 def test_small_learning_rates_and_clip_ranges_can_be_entered(page):

@@ -186,6 +186,7 @@ class Workflow:
     summary: str
     nodes: list
     groups: list = field(default_factory=list)   # (title, [x, y, w, h], color)
+    view: tuple | None = None   # ids of the nodes the opened view shows whole (None: every node)
 
 
 ANIMALS = "\n".join([
@@ -221,7 +222,7 @@ def _sd_workflow(name, title, summary, ckpt, run_name, size, steps, group_size, 
             "run_name": run_name, "rank": 16, "alpha": 16.0, "target_layers": "attention",
             "learning_rate": learning_rate, "optimizer": "AdamW", "weight_decay": 1e-4, "seed": 0,
             "resume": True}, {"model": (1, 0)}),
-        N(3, "PCPOPrompts", (420, 420), {
+        N(3, "PCPOPrompts", (420, 480), {
             "prompts": ANIMALS, "prompt_file": "(none)", "negative_prompt": NEGATIVE,
             "prompts_per_iteration": prompts_per_iteration, "seed": 0}, {"clip": (1, 1)}, size=(400, 420)),
         N(4, "PCPOTrajectorySampler", (880, 60), {
@@ -231,14 +232,14 @@ def _sd_workflow(name, title, summary, ckpt, run_name, size, steps, group_size, 
             {"session": (2, 1), "prompts": (3, 0)}),
         N(5, "VAEDecode", (1280, 60), {}, {"samples": (4, 0), "vae": (1, 2)}),
         N(6, "PreviewImage", (1280, 420), {}, {"images": (5, 0)}, size=(420, 420)),
-        N(7, "PCPORewardScorer", (1280, 180), {"reward": "jpeg-compressibility", "prompt": ""},
+        N(7, "PCPORewardScorer", (1280, 200), {"reward": "jpeg-compressibility", "prompt": ""},
           {"images": (5, 0), "trajectory": (4, 1)}),
         N(8, "PCPOLoRAUpdate", (1740, 60), {
             "objective": "pcpo", "clip_range": 1e-4, "advantage_clip": 5.0, "train_fraction": 1.0,
             "micro_batch": micro_batch, "grad_clip": 1.0, "updates_per_rollout": 2,
             "iterations_per_queue": 100, "checkpoint_every": 1},
             {"session": (2, 1), "trajectory": (4, 1), "rewards": (7, 0)}),
-        N(9, "PCPOExportLoRA", (1740, 480), {
+        N(9, "PCPOExportLoRA", (1740, 540), {
             "filename": f"pcpo/{run_name}", "dtype": "fp16", "also_diffusers": False},
             {"session": (2, 1), "stats": (8, 1)}),  # stats: export after this iteration's update
         N(10, "MarkdownNote", (40, 420), text=LOOP_NOTE + extra_note, size=(340, 520)),
@@ -289,12 +290,12 @@ def flux() -> Workflow:
         N(1, "UNETLoader", (40, 60), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}),
         N(2, "DualCLIPLoader", (40, 220), {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
                                            "type": "flux", "device": "default"}),
-        N(3, "VAELoader", (40, 420), {"vae_name": "ae.safetensors"}),
+        N(3, "VAELoader", (40, 430), {"vae_name": "ae.safetensors"}),
         N(4, "PCPOLoRA", (420, 60), {
             "run_name": run_name, "rank": 16, "alpha": 16.0, "target_layers": "attention",
             "learning_rate": 1e-4, "optimizer": "AdamW", "weight_decay": 1e-4, "seed": 0, "resume": True},
             {"model": (1, 0)}),
-        N(5, "PCPOPrompts", (420, 420), {
+        N(5, "PCPOPrompts", (420, 480), {
             "prompts": ANIMALS, "prompt_file": "(none)", "negative_prompt": "", "prompts_per_iteration": 1,
             "seed": 0}, {"clip": (2, 0)}, size=(400, 420)),
         N(6, "PCPOTrajectorySampler", (880, 60), {
@@ -303,17 +304,17 @@ def flux() -> Workflow:
             {"session": (4, 1), "prompts": (5, 0)}),
         N(7, "VAEDecode", (1280, 60), {}, {"samples": (6, 0), "vae": (3, 0)}),
         N(8, "PreviewImage", (1280, 420), {}, {"images": (7, 0)}, size=(420, 420)),
-        N(9, "PCPORewardScorer", (1280, 180), {"reward": "jpeg-compressibility", "prompt": ""},
+        N(9, "PCPORewardScorer", (1280, 200), {"reward": "jpeg-compressibility", "prompt": ""},
           {"images": (7, 0), "trajectory": (6, 1)}),
         N(10, "PCPOLoRAUpdate", (1740, 60), {
             "objective": "pcpo", "clip_range": 1e-4, "advantage_clip": 5.0, "train_fraction": 0.6,
             "micro_batch": 1, "grad_clip": 1.0, "updates_per_rollout": 2, "iterations_per_queue": 100,
             "checkpoint_every": 1}, {"session": (4, 1), "trajectory": (6, 1), "rewards": (9, 0)}),
-        N(11, "PCPOExportLoRA", (1740, 480), {
+        N(11, "PCPOExportLoRA", (1740, 540), {
             "filename": f"pcpo/{run_name}", "dtype": "bf16", "also_diffusers": False},
             {"session": (4, 1), "stats": (10, 1)}),
-        N(12, "MarkdownNote", (40, 560), text=LOOP_NOTE, size=(340, 480)),
-        N(13, "MarkdownNote", (880, 560), text=FLUX_NOTE, size=(380, 420)),
+        N(12, "MarkdownNote", (40, 570), text=LOOP_NOTE, size=(340, 440)),
+        N(13, "MarkdownNote", (880, 580), text=FLUX_NOTE, size=(360, 420)),
     ]
     return Workflow(
         "pcpo_flux_dev_jpeg_compressibility", "FLUX.1-dev: PCPO LoRA for JPEG compressibility",
@@ -351,7 +352,7 @@ def demo() -> Workflow:
             "run_name": run_name, "rank": 8, "alpha": 8.0, "target_layers": "attention+mlp",
             "learning_rate": 2e-3, "optimizer": "AdamW", "weight_decay": 0.0, "seed": 0, "resume": True},
             {"model": (1, 0)}),
-        N(3, "PCPOPrompts", (420, 420), {
+        N(3, "PCPOPrompts", (420, 480), {
             "prompts": _demo_captions(), "prompt_file": "(none)", "negative_prompt": "",
             "prompts_per_iteration": 4, "seed": 0}, {"clip": (1, 1)}, size=(400, 420)),
         N(4, "PCPOTrajectorySampler", (880, 60), {
@@ -359,13 +360,13 @@ def demo() -> Workflow:
             "flow_noise_rule": "constant", "scheduler": "simple", "width": 32, "height": 32, "groups": 1},
             {"session": (2, 1), "prompts": (3, 0)}),
         N(5, "VAEDecode", (1280, 60), {}, {"samples": (4, 0), "vae": (1, 2)}),
-        N(6, "PCPORewardScorer", (1280, 180), {"reward": "prompt-colour-agreement", "prompt": ""},
+        N(6, "PCPORewardScorer", (1280, 200), {"reward": "prompt-colour-agreement", "prompt": ""},
           {"images": (5, 0), "trajectory": (4, 1)}),
         N(7, "PCPOLoRAUpdate", (1740, 60), {
             "objective": "pcpo", "clip_range": 1e-4, "advantage_clip": 5.0, "train_fraction": 0.5,
             "micro_batch": 8, "grad_clip": 1.0, "updates_per_rollout": 2, "iterations_per_queue": 30,
             "checkpoint_every": 5}, {"session": (2, 1), "trajectory": (4, 1), "rewards": (6, 0)}),
-        N(8, "PCPOExportLoRA", (1740, 480), {
+        N(8, "PCPOExportLoRA", (1740, 540), {
             "filename": f"pcpo/{run_name}", "dtype": "fp16", "also_diffusers": False},
             {"session": (2, 1), "stats": (7, 1)}),
         N(9, "PreviewImage", (1280, 420), {}, {"images": (5, 0)}, size=(420, 420)),
@@ -389,12 +390,13 @@ REWARD_NOTE = (
 )
 
 
-def _with_reward(wf: Workflow, scorer_id: int, reward_nodes: list, reward_id: int, note_id: int) -> Workflow:
+def _with_reward(wf: Workflow, scorer_id: int, reward_nodes: list, reward_id: int, note_id: int,
+                 note_pos: tuple = (880, 810), note_size: tuple = (360, 240)) -> Workflow:
     """``wf`` with extra reward nodes whose ``reward_id`` output feeds the scorer's ``reward_model``."""
     for node in wf.nodes:
         if node.id == scorer_id:
             node.links["reward_model"] = (reward_id, 0)
-    wf.nodes += reward_nodes + [N(note_id, "MarkdownNote", (1740, 900), text=REWARD_NOTE, size=(420, 240))]
+    wf.nodes += reward_nodes + [N(note_id, "MarkdownNote", note_pos, text=REWARD_NOTE, size=note_size)]
     return wf
 
 
@@ -413,7 +415,7 @@ def sd15_aesthetic() -> Workflow:
     wf = _variant(sd15(), "pcpo_sd15_aesthetic", "SD1.5: PCPO LoRA for the LAION aesthetic score",
                   "reward `jpeg-compressibility` (weight-free, DDPO's compressibility task)",
                   "reward: LAION aesthetic predictor v2 (DDPO's aesthetic task)")
-    return _with_reward(wf, 7, [N(11, "PCPOAestheticReward", (880, 900), {
+    return _with_reward(wf, 7, [N(11, "PCPOAestheticReward", (880, 580), {
         "head": "sac+logos+ava1-l14-linearMSE.pth", "backbone": "pcpo_rewards/clip-vit-large-patch14",
         "precision": "auto", "batch_size": 8, "keep_loaded": False})], 11, 12)
 
@@ -421,7 +423,7 @@ def sd15_aesthetic() -> Workflow:
 def sdxl_pickscore() -> Workflow:
     wf = _variant(sdxl(), "pcpo_sdxl_pickscore", "SDXL: PCPO LoRA for PickScore", "reward `jpeg-compressibility`",
                   "reward PickScore v1 (logit_scale.exp() * cos)")
-    return _with_reward(wf, 7, [N(11, "PCPOPickScoreReward", (880, 900), {
+    return _with_reward(wf, 7, [N(11, "PCPOPickScoreReward", (880, 580), {
         "model": "pcpo_rewards/PickScore_v1", "convention": "pickscore (logit_scale.exp() * cos)",
         "precision": "auto", "batch_size": 4, "keep_loaded": False})], 11, 12)
 
@@ -443,13 +445,19 @@ def flux_hps_ocr() -> Workflow:
     for node in wf.nodes:
         if node.type == "PCPOPrompts":
             node.widgets["prompts"] = TEXT_PROMPTS
-    return _with_reward(wf, 9, [
-        N(14, "PCPOHPSReward", (880, 1060), {"checkpoint": "HPS_v2.1_compressed.pt", "architecture": "ViT-H-14",
-                                             "precision": "auto", "batch_size": 4, "keep_loaded": False}),
-        N(15, "PCPOOCRReward", (880, 1320), {"threads": 0}),
-        N(16, "PCPORewardMix", (1280, 1060), {"weight_1": 1.0, "weight_2": 1.0, "weight_3": 1.0, "weight_4": 1.0},
+    wf = _with_reward(wf, 9, [
+        N(14, "PCPOHPSReward", (880, 580), {"checkpoint": "HPS_v2.1_compressed.pt", "architecture": "ViT-H-14",
+                                            "precision": "auto", "batch_size": 4, "keep_loaded": False}),
+        N(15, "PCPOOCRReward", (880, 810), {"threads": 0}),
+        N(16, "PCPORewardMix", (1280, 900), {"weight_1": 1.0, "weight_2": 1.0, "weight_3": 1.0, "weight_4": 1.0},
           {"reward_1": (14, 0), "reward_2": (15, 0)}),
-    ], 16, 17)
+    ], 16, 17, note_pos=(880, 950))
+    for node in wf.nodes:
+        if node.id == 13:   # the FLUX note gives the space under the sampler to the reward models
+            node.pos = (1740, 850)
+    # the chain and the reward models open whole; the Reward Mix and the notes below are a scroll away
+    wf.view = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15)
+    return wf
 
 
 HUMAN_NOTE = (
@@ -480,6 +488,8 @@ def demo_human() -> Workflow:
             node.widgets.update(iterations_per_queue=5, checkpoint_every=1, micro_batch=4)
         elif node.type == "MarkdownNote":
             node.text = HUMAN_NOTE + "\n\n" + LOOP_NOTE
+        elif node.type == "PreviewImage":  # below the Human Rating node, whose status text needs room
+            node.pos, node.size = (1280, 630), (420, 360)
         elif node.type == "PCPORewardScorer":
             node.type = "PCPOHumanRating"
             node.widgets = {"mode": "best-worst", "human_groups": 0, "unrated": "model reward",
@@ -509,14 +519,16 @@ def with_monitoring(wf: Workflow, session: int, clip: tuple, vae: tuple, stats: 
                     heldout: dict, guard: dict, note: str) -> Workflow:
     """``wf`` plus held-out evaluation (after the update), reward guard and dashboard."""
     x, y = pos
+    # the held-out node is sized for its widgets plus its image grid (the frontend grows a node that is
+    # too small for its image over the node below)
     wf.nodes += [
         N(first_id, "PCPOHeldOutEvaluation", (x, y), heldout,
-          {"session": (session, 1), "clip": clip, "vae": vae, "stats": stats}, size=(400, 620)),
-        N(first_id + 1, "PCPORewardGuard", (x, y + 680), guard,
-          {"session": (session, 1), "heldout": (first_id, 0)}, size=(400, 300)),
-        N(first_id + 2, "PCPODashboard", (x + 440, y), {"width": 1024, "height": 768, "last_iterations": 0},
+          {"session": (session, 1), "clip": clip, "vae": vae, "stats": stats}, size=(440, 880)),
+        N(first_id + 1, "PCPORewardGuard", (x, y + 930), guard,
+          {"session": (session, 1), "heldout": (first_id, 0)}, size=(440, 300)),
+        N(first_id + 2, "PCPODashboard", (x + 480, y), {"width": 1024, "height": 768, "last_iterations": 0},
           {"session": (session, 1), "stats": (first_id + 1, 0)}, size=(640, 560)),
-        N(first_id + 3, "MarkdownNote", (x + 440, y + 620), text=note, size=(640, 300)),
+        N(first_id + 3, "MarkdownNote", (x + 480, y + 620), text=note, size=(640, 300)),
     ]
     return wf
 
@@ -530,6 +542,7 @@ def demo_monitored() -> Workflow:
         "best_filename": "pcpo/demo_tiny_pcpo_best", "dtype": "fp16"}, MONITOR_NOTE)
     wf.summary += (" Held-out evaluation of 6 other captions every 5 iterations, a reward guard (saturation) that "
                    "keeps and restores the best LoRA, and the dashboard.")
+    wf.view = tuple(range(1, 11))  # the training chain opens whole; the monitoring nodes are right of it
     return wf
 
 
@@ -551,20 +564,20 @@ def demo_irg() -> Workflow:
         N(2, "PCPOImplicitRewardGuidance", (420, 60), {
             "lora_name": "pcpo/demo_tiny_pcpo.safetensors", "guidance": 2.0, "lora_name_2": "None",
             "guidance_2": 1.0, "lora_name_3": "None", "guidance_3": 1.0}, {"model": (1, 0)}),
-        N(3, "CLIPTextEncode", (420, 360), {"text": prompt}, {"clip": (1, 1)}),
-        N(4, "CLIPTextEncode", (420, 560), {"text": ""}, {"clip": (1, 1)}),
-        N(5, "EmptyChromaRadianceLatentImage", (40, 360), {"width": 32, "height": 32, "batch_size": 8}),
+        N(3, "CLIPTextEncode", (420, 320), {"text": prompt}, {"clip": (1, 1)}),
+        N(4, "CLIPTextEncode", (420, 550), {"text": ""}, {"clip": (1, 1)}),
+        N(5, "EmptyChromaRadianceLatentImage", (40, 230), {"width": 32, "height": 32, "batch_size": 8}),
         N(6, "KSampler", (860, 60), {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler_ancestral",
                                      "scheduler": "simple", "denoise": 1.0},
           {"model": (1, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
-        N(7, "VAEDecode", (1240, 60), {}, {"samples": (6, 0), "vae": (1, 2)}),
-        N(8, "PreviewImage", (1480, 60), {}, {"images": (7, 0)}, title="base model", size=(420, 300)),
+        N(7, "VAEDecode", (1260, 60), {}, {"samples": (6, 0), "vae": (1, 2)}),
+        N(8, "PreviewImage", (1660, 60), {}, {"images": (7, 0)}, title="base model", size=(420, 300)),
         N(9, "KSampler", (860, 420), {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler_ancestral",
                                       "scheduler": "simple", "denoise": 1.0},
           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
-        N(10, "VAEDecode", (1240, 420), {}, {"samples": (9, 0), "vae": (1, 2)}),
-        N(11, "PreviewImage", (1480, 420), {}, {"images": (10, 0)}, title="IRG lambda 2", size=(420, 300)),
-        N(12, "MarkdownNote", (40, 640), text=IRG_NOTE, size=(360, 420)),
+        N(10, "VAEDecode", (1260, 420), {}, {"samples": (9, 0), "vae": (1, 2)}),
+        N(11, "PreviewImage", (1660, 420), {}, {"images": (10, 0)}, title="IRG lambda 2", size=(420, 300)),
+        N(12, "MarkdownNote", (40, 420), text=IRG_NOTE, size=(360, 420)),
     ]
     return Workflow(
         "demo_tiny_irg", "Demo: Implicit Reward Guidance with the demo's PCPO LoRA (CPU)",
@@ -605,14 +618,29 @@ _CHECK_COMBOS = {("PCPOLoRA", "target_layers"), ("PCPOLoRA", "optimizer"), ("PCP
                  ("DualCLIPLoader", "device"), ("UNETLoader", "weight_dtype")}
 
 
-def _node_size(node: N, nd: NodeDef | None) -> list:
-    if node.size is not None:
-        return list(node.size)
-    if nd is None:
-        return [340, 200]
+# Nodes that show a run's output on the page.  The frontend grows a node whose widgets need more height
+# than it has, over whatever lies below it: the image preview needs 220 px (frontend 1.32), the text that
+# web/pcpo.js puts on a node 100 px.  Their sizes include that space from the start.
+IMAGE_NODES = {"PreviewImage", "SaveImage", "PCPOHeldOutEvaluation", "PCPODashboard"}
+TEXT_NODES = {"PCPOLoRAUpdate", "PCPOExportLoRA", "PCPOHumanRating"}
+IMAGE_RESERVE, TEXT_RESERVE = 240, 104
+
+
+def _widgets_height(nd: NodeDef) -> int:
     rows = max(len(nd.sockets), len(nd.outputs)) + sum(1 + w.control_values for w in nd.widgets)
-    extra = sum(90 for w in nd.widgets if w.options.get("multiline"))
-    return [360, 34 + 24 * rows + extra]
+    return 34 + 24 * rows + sum(90 for w in nd.widgets if w.options.get("multiline"))
+
+
+def _node_size(node: N, nd: NodeDef | None) -> list:
+    if nd is None:
+        return list(node.size or (340, 200))
+    need = _widgets_height(nd) + (IMAGE_RESERVE if node.type in IMAGE_NODES else 0) \
+        + (TEXT_RESERVE if node.type in TEXT_NODES else 0)
+    if node.size is not None:
+        if node.size[1] < need:
+            raise ValueError(f"node {node.id} ({node.type}) is {node.size[1]} high: its widgets and output need {need}")
+        return list(node.size)
+    return [360, need]
 
 
 def _topo_order(wf: Workflow) -> dict:
@@ -628,21 +656,29 @@ def _topo_order(wf: Workflow) -> dict:
     return order
 
 
-VIEW = (1600, 900)        # the window the stored view fits (CSS px)
-VIEW_TOP, VIEW_LEFT = 150, 70  # room for the frontend's tab bar and floating Run bar, and its side bar
+# The part of a 1600x1000 browser window's page (1600x857 CSS px) where the frontend's side bar (left),
+# its banner, workflow tabs and Run bar (top) and its canvas tool bar (bottom) leave the canvas visible,
+# with a margin.  Frontend 1.32 opens a workflow at its stored view (extra.ds) as it is.
+VIEW_LEFT, VIEW_TOP, VIEW_RIGHT, VIEW_BOTTOM = 76, 150, 1580, 790
+MIN_SCALE = 0.6   # below it LiteGraph draws every node as an empty box
 
 
 def stored_view(wf: Workflow, defs: Callable[[str], NodeDef]) -> dict:
-    """Canvas scale and offset that show the whole graph below the tab bar in a VIEW-sized window
-    (LiteGraph draws a point at (pos + offset) * scale)."""
+    """Canvas scale and offset that show the nodes ``wf.view`` (all when None) whole in the free part of
+    the page, top left (LiteGraph draws a point at (pos + offset) * scale)."""
     boxes = []
     for n in wf.nodes:
+        if wf.view is not None and n.id not in wf.view:
+            continue
         w, h = _node_size(n, None if n.type in FRONTEND_ONLY else defs(n.type))
         boxes.append((n.pos[0], n.pos[1] - 30, n.pos[0] + w, n.pos[1] + h))  # 30: the title bar
     x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
-    scale = min(0.8, (VIEW[0] - VIEW_LEFT - 20) / (x1 - x0), (VIEW[1] - VIEW_TOP - 20) / (y1 - y0))
+    scale = min(0.8, (VIEW_RIGHT - VIEW_LEFT) / (x1 - x0), (VIEW_BOTTOM - VIEW_TOP) / (y1 - y0))
     scale = math.floor(scale * 100) / 100
+    if scale < MIN_SCALE:
+        raise ValueError(f"{wf.name}: its view needs zoom {scale} (under {MIN_SCALE}): show fewer nodes "
+                         f"(Workflow.view) or lay them out closer")
     return {"scale": scale, "offset": [round(VIEW_LEFT / scale - x0, 1), round(VIEW_TOP / scale - y0, 1)]}
 
 
