@@ -259,6 +259,59 @@ def combine(group_ids: list, image_ids: list, ratings: dict, model_values: list 
     return values, [sources[g] for g in sources]
 
 
+def rated_model_reward(group_ids: list, sources: list, model_values: list | None) -> float | None:
+    """Mean model reward (raw, before any calibration) over the samples of the human-rated groups;
+    None without a model reward, without a rated group, or when a value is not finite.  Human
+    ratings are relative within a group (their mean is 0 by construction), so this is what shows
+    whether the rated images get better."""
+    if model_values is None:
+        return None
+    order = list(dict.fromkeys(group_ids))
+    rated = {g for g, s in zip(order, sources) if s == "human"}
+    vals = [float(model_values[i]) for i, g in enumerate(group_ids) if g in rated]
+    if not vals or not all(math.isfinite(v) for v in vals):
+        return None
+    return sum(vals) / len(vals)
+
+
+def tracking_fields(history: list, rated_now: int, groups_now: int, model_reward: float | None,
+                    model_name: str | None) -> dict:
+    """The fields a human-rated iteration adds to the run's history: the groups rated this iteration
+    and in the run so far (``history`` holds the earlier iterations' fields), and the model reward
+    of the rated images."""
+    before = next((h["rated_groups_total"] for h in reversed(history or []) if "rated_groups_total" in h), 0)
+    return {"rated_groups": int(rated_now), "groups": int(groups_now),
+            "rated_groups_total": int(before) + int(rated_now),
+            "rated_model_reward": finite(model_reward) if model_reward is not None else None,
+            "rated_model_reward_name": model_name if model_reward is not None else None}
+
+
+def signal_text(history: list, heldout: dict | None = None, running_of: int = 10) -> str:
+    """What tells a person rating the images whether the run learns, from the run's ``history``
+    (its last entry this iteration's, with :func:`tracking_fields`): the groups rated so far, the
+    model reward of the rated images with its running mean, and the latest held-out reward
+    (``heldout``: {"reward", "iteration", "name"}).  Without either it says so and what to wire."""
+    last = history[-1]
+    out = (f"rated groups: {last.get('rated_groups_total', 0)} ({last.get('rated_groups', 0)} of "
+           f"{last.get('groups', 0)} this iteration)")
+    parts = []
+    tracked = [h for h in history if h.get("rated_model_reward") is not None][-running_of:]
+    if tracked:
+        name = tracked[-1].get("rated_model_reward_name") or "model reward"
+        now = last.get("rated_model_reward")
+        mean = sum(h["rated_model_reward"] for h in tracked) / len(tracked)
+        parts.append(f"{name} of the rated images {'-' if now is None else f'{now:.4f}'} "
+                     f"(running mean {mean:.4f} over {len(tracked)})")
+    if heldout and heldout.get("reward") is not None and math.isfinite(heldout["reward"]):
+        parts.append(f"held-out {heldout.get('name') or 'reward'} {heldout['reward']:.4f} "
+                     f"(iteration {heldout.get('iteration')})")
+    if not parts:
+        return (out + "; no reward model to track progress -- wire Held-out Evaluation, or set the Human "
+                "Rating's unrated to model reward (ratings compare the images within a group: they cannot show "
+                "whether the run improves)")
+    return out + " · " + " · ".join(parts)
+
+
 def append_jsonl(path: str, record: dict) -> None:
     """Append one JSON line (strict JSON) and flush it to disk."""
     os.makedirs(os.path.dirname(path), exist_ok=True)

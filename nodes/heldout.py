@@ -151,6 +151,15 @@ def training_flow_rule(session) -> str:
 _LAST: dict = {}  # run name -> latest HeldOut
 
 
+def latest_heldout(run_name: str, iteration: int):
+    """The latest held-out result of ``run_name`` at or before ``iteration`` as {"reward", "iteration",
+    "name"}, or None (no Held-out Evaluation wired, or none run yet)."""
+    last = _LAST.get(run_name)
+    if last is None or last.iteration > iteration:
+        return None
+    return {"reward": last.reward, "iteration": last.iteration, "name": last.reward_name}
+
+
 class PCPOHeldOutEvaluation:
     CATEGORY = "PCPO"
     FUNCTION = "evaluate"

@@ -146,14 +146,17 @@ class PCPOHumanRating:
         rated = req.result or {}
         if status == "timeout":
             log.warning("PCPO Human Rating: no rating within %d s; unrated groups: %s", timeout_s, unrated)
-        model_values = None
-        if unrated == "model reward" and len(rated) < len(order):
+        model_values = model_name = None
+        # the model reward scores the unrated groups and, for every rated one, tracks whether the
+        # rated images get better (human ratings are relative within a group)
+        if unrated == "model reward" or reward_model is not None:
             scored, _ = PCPORewardScorer().score(images, trajectory, reward, prompt, reward_model)
             model_values = scored.values.tolist()
             model_name = scored.name
-        values, sources = H.combine(group_ids, ids, rated, model_values, calibration)
+        values, sources = H.combine(group_ids, ids, rated,
+                                    model_values if unrated == "model reward" else None, calibration)
         self._record(run, it, req, status, calibration, group_ids, ids, prompts, values, sources, pngs,
-                     model_values)
+                     model_values if unrated == "model reward" else None)
         name = "human" + (f"+{model_name}" if model_values is not None and "model" in sources else "")
         t = torch.tensor(values, dtype=torch.float64)
         log.info("PCPO Human Rating %s iter %d: %s", run, it + 1,
@@ -161,7 +164,10 @@ class PCPOHumanRating:
         counts = {s: sources.count(s) for s in ("human", "model", "skipped")}
         text = (f"iter {it + 1}: {counts['human']} group(s) rated, {counts['model']} by the model, "
                 f"{counts['skipped']} skipped ({status})")
-        return {"ui": {"text": [text]}, "result": (Rewards(t, name, trajectory.uid), float(t.mean()))}
+        tracking = {"rated_groups": counts["human"], "groups": len(order), "model_reward_name": model_name,
+                    "model_reward": H.rated_model_reward(group_ids, sources, model_values)}
+        return {"ui": {"text": [text]},
+                "result": (Rewards(t, name, trajectory.uid, human=tracking), float(t.mean()))}
 
     @staticmethod
     def _record(run, it, req, status, calibration, group_ids, ids, prompts, values, sources, pngs, model_values):

@@ -134,13 +134,17 @@ def _takes_id() -> bool:
 
 # --------------------------------------------------------------------------- the API
 
-def requeue(prompt: dict, extra_pnginfo, run_name: str, target: int, **marker) -> bool:
+def requeue(prompt: dict, extra_pnginfo, run_name: str, target: int, on_cancel: dict | None = None,
+            **marker) -> bool:
     """Ask for ``prompt`` to be queued again once the current prompt has finished successfully.
 
     The loop marker ``{"run": run_name, "target": target, **marker}`` travels in the new prompt's
-    ``extra_pnginfo[LOOP_KEY]`` (read it back with ``loop_marker``/``loop_target``).  Returns False
-    when there is no running server (a script driving the executor itself is its own loop), True when
-    the re-queue was scheduled; whether it happens is decided when the prompt ends (success only)."""
+    ``extra_pnginfo[LOOP_KEY]`` (read it back with ``loop_marker``/``loop_target``).  ``on_cancel``
+    (JSON) is sent to the page as a ``pcpo.loop_stopped`` message (``{"run": run_name, **on_cancel}``)
+    when a Cancel ends the loop after this prompt's update (the page hears no interrupt of its own
+    when the prompt itself finished).  Returns False when there is no running server (a script
+    driving the executor itself is its own loop), True when the re-queue was scheduled; whether it
+    happens is decided when the prompt ends (success only)."""
     srv = _server()
     if srv is None or not isinstance(prompt, dict):
         return False
@@ -156,6 +160,8 @@ def requeue(prompt: dict, extra_pnginfo, run_name: str, target: int, **marker) -
         entry = _pending.get(prompt_id)
         if entry is not None:  # a second run in the same graph: one re-queue carries both markers
             entry["markers"][run_name] = mark
+            if on_cancel is not None:
+                entry["on_cancel"][run_name] = on_cancel
             return True
         item = _running_item(srv.prompt_queue, prompt_id)
         entry = {
@@ -164,6 +170,7 @@ def requeue(prompt: dict, extra_pnginfo, run_name: str, target: int, **marker) -
             "item": None if item is None else (copy.deepcopy(item[3]),
                                                copy.deepcopy(item[5]) if len(item) > 5 else None),
             "markers": {run_name: mark},
+            "on_cancel": {} if on_cancel is None else {run_name: on_cancel},
         }
         _pending[prompt_id] = entry
     try:
@@ -239,11 +246,29 @@ async def _requeue_when_done(srv, prompt_id: str) -> None:
     runs = ", ".join(entry["markers"])
     if not ok:
         log.info("PCPO %s: loop stopped (%s)", runs, why)
+        if why == "interrupted":
+            _tell_cancelled(srv, entry)
         return
     if _interrupted():  # a Cancel right after the prompt ended
         log.info("PCPO %s: loop stopped (interrupted)", runs)
+        _tell_cancelled(srv, entry)
         return
     await _queue(srv, prompt_id, entry)
+
+
+def _tell_cancelled(srv, entry: dict) -> None:
+    """Send each run's ``on_cancel`` message to the page that pressed Run (every page when the
+    prompt carried no client id); a server without ``send_sync`` gets nothing."""
+    send = getattr(srv, "send_sync", None)
+    if send is None or not entry.get("on_cancel"):
+        return
+    extra = entry["item"][0] if entry.get("item") is not None else {}
+    sid = extra.get("client_id") if isinstance(extra, dict) else None
+    for run, message in entry["on_cancel"].items():
+        try:
+            send("pcpo.loop_stopped", {**message, "run": run}, sid)
+        except Exception:  # noqa: BLE001 - a page that cannot be told still has the log line
+            log.debug("PCPO %s: could not tell the page that the loop stopped", run, exc_info=True)
 
 
 async def _queue(srv, prompt_id: str, entry: dict):

@@ -19,6 +19,9 @@ class Rewards:
     trajectory_uid: str
     # a mix's components: label -> mean raw reward of this batch (before normalisation and weighting)
     components: dict = field(default_factory=dict)
+    # human ratings (PCPO Human Rating): {"rated_groups", "groups", "model_reward", "model_reward_name"},
+    # the model reward being the mean over the rated groups' images (None without a model reward)
+    human: dict | None = None
 
 
 def check_images(images, trajectory) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class RolloutBatch:
     uid: str
     family: ModelFamily
     session_token: str = ""
+    started: float = 0.0        # wall-clock time (time.time()) the rollout began: the iteration's start
 
     @property
     def prompts(self) -> list:
@@ -225,11 +227,14 @@ class PCPOTrajectorySampler:
             raise ValueError(f"eta {eta:g} is below {MIN_ETA:g}: at such low noise the policy ratio is ill-conditioned "
                              "(KL and gradient norms grow as 1/eta); use 0.3-1.0")
         session = session.live()
+        started = time.time()
         try:
             with training_flag():  # the numerics of the gradient pass
-                return self._sample(session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule,
-                                    scheduler, width, height, groups, prompts, positive, negative, latent, sigmas,
-                                    prompt_micro_batch(prompt))
+                out = self._sample(session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule,
+                                   scheduler, width, height, groups, prompts, positive, negative, latent, sigmas,
+                                   prompt_micro_batch(prompt))
+            out[1].started = started
+            return out
         except comfy.model_management.InterruptProcessingException:
             session.save_if_dirty()  # Cancel: the run on disk is the run in memory
             raise

@@ -4,22 +4,25 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 
 import torch
 
 import comfy.model_management
 import comfy.utils
 
+from comfyui_pcpo import progress as P
+from comfyui_pcpo import ratings as H
 from comfyui_pcpo.objectives import OBJECTIVES
 from comfyui_pcpo.plan import prediction_from_denoised
 from comfyui_pcpo import distributed
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, candidate_steps
 
 from .glue import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
-from .loop import loop_target, requeue
+from .loop import loop_marker, requeue
 from .validation import verdict
 from .dashboard import record_iteration
-from .heldout import apply_guard_lr
+from .heldout import apply_guard_lr, latest_heldout
 
 log = logging.getLogger("comfyui-pcpo")
 
@@ -163,9 +166,9 @@ class PCPOLoRAUpdate:
         if rewards.trajectory_uid != batch.uid:
             raise ValueError("the rewards were computed for another rollout: wire the Reward Scorer to this "
                              "Trajectory Sampler's output")
-        target = loop_target(extra_pnginfo, session.run_name)
-        if target is None:
-            target = state.iteration + int(iterations_per_queue)
+        press = P.press_from(loop_marker(extra_pnginfo, session.run_name), state.iteration,
+                             int(iterations_per_queue), getattr(batch, "started", 0.0) or time.time())
+        target = press.target
 
         cfg = PCPOConfig(objective=objective, clip_range=clip_range, adv_clip=advantage_clip,
                          train_fraction=train_fraction, micro_batch=micro_batch, grad_clip=grad_clip,
@@ -221,6 +224,10 @@ class PCPOLoRAUpdate:
         summary.update(objective=objective, reward=rewards.name, skipped_steps=stats["skipped_steps"],
                        precision=session.options.precision.name,
                        flow_noise_rule=str(traj.meta.get("flow_noise_rule", "constant")))
+        human = getattr(rewards, "human", None)
+        if human is not None:  # what shows progress under human ratings (their mean is 0 by construction)
+            summary.update(H.tracking_fields(state.history, human["rated_groups"], human["groups"],
+                                             human.get("model_reward"), human.get("model_reward_name")))
         stalled = gradient_stalled(stats)
         state.stalled_iterations = state.stalled_iterations + 1 if stalled else 0
         state.commit(summary, int(updates_per_rollout), rewards.name, objective)
@@ -243,15 +250,24 @@ class PCPOLoRAUpdate:
         log.info("PCPO %s: %s", session.run_name, text)
         for w in warnings:
             log.warning("PCPO %s: %s", session.run_name, w)
+        where = P.progress(press, state.iteration, time.time())
+        shown_progress = P.as_ui(where)
         if state.iteration < target:
-            if not requeue(prompt, extra_pnginfo, session.run_name, target, token=session.token):
+            if not requeue(prompt, extra_pnginfo, session.run_name, target, token=session.token,
+                           on_cancel={"node": str(unique_id), "text": shown_progress["cancel_text"]},
+                           **P.marker_items(press)):
                 log.info("PCPO: no server queue to loop on; run the next iteration by queueing again")
         stats_json = json.dumps(strict_json({**stats, "iteration": state.iteration, "target_iteration": target,
                                              "optimizer_steps": state.optimizer_steps, "warnings": warnings}),
                                 allow_nan=False)
         recent = [h["reward_mean"] for h in state.history[-RUNNING_MEAN_OF:]]
         shown = {"iteration": state.iteration, "target_iteration": target, "reward_mean": stats["reward_mean"],
-                 "running_mean": sum(recent) / len(recent), "running_count": len(recent)}
+                 "running_mean": sum(recent) / len(recent), "running_count": len(recent),
+                 "progress": shown_progress}
+        if human is not None:
+            shown["rated_groups_total"] = state.history[-1]["rated_groups_total"]
+            shown["signal"] = H.signal_text(state.history, latest_heldout(session.run_name, state.iteration),
+                                            RUNNING_MEAN_OF)
         return {"ui": {"text": [text] + [f"warning: {w}" for w in warnings], "pcpo_stats": [shown]},
                 "result": (model, stats_json)}
 

@@ -773,3 +773,164 @@ def test_rating_cancel_from_the_panel_stops_the_run(page):
     mine = [h for h in history.values() if run in json.dumps(h["prompt"][2])]
     assert len(mine) == 1 and mine[0]["status"]["status_str"] == "error"
     assert page.server.get("/pcpo/ratings/pending")["pending"] == []
+
+
+# --------------------------------------------------------------------------- progress of a press
+
+def _click_cancel_until_stopped(page, timeout=60):
+    """Press the page's cancel button until the queue is idle (a click in the short gap between two
+    iterations finds nothing running, so it is pressed again)."""
+    clicks = []
+
+    def stopped():
+        q = page.server.get("/queue")
+        if clicks and not q["queue_running"] and not q["queue_pending"]:
+            return True
+        if page.js("""for (const b of document.querySelectorAll('button')) {
+                        const l = b.getAttribute('aria-label') || b.innerText.trim();
+                        if (['Cancel current run', 'Interrupt', 'Cancel'].includes(l) && b.offsetParent !== null
+                            && !b.disabled) { b.click(); return true; } }
+                      return false;"""):
+            clicks.append(time.monotonic())
+        return False
+    page.wait("the loop to stop after Cancel", stopped, timeout=timeout, every=1.0)
+    return clicks
+
+
+def test_update_node_shows_the_press_progress_and_where_cancel_stopped_it(page):
+    """ComfyUI's queue shows one job per iteration ("Total 100%", "2 jobs completed"); the Update node
+    shows the press: iteration k of 3 with the time per iteration and the ETA, and after Cancel where
+    the press stopped and that Run continues, and it stays there."""
+    import re
+    run = f"browser_progress_{uuid.uuid4().hex[:6]}"
+    page.load(_read(WORKFLOWS / "demo_tiny_pcpo.json"))
+    _shrink_demo(page, run, 3)
+    page.button("Run", "Queue Prompt", "Queue")
+    seen = []
+
+    def finished():
+        t = page.node_text(7)
+        if t and (not seen or seen[-1] != t):
+            seen.append(t)
+        return "iteration 3 of 3 done" in t
+
+    page.wait("iteration 3 of 3 on the Update node", finished, every=0.1)
+    _wait_idle(page)
+    page.shot("progress_press_finished")
+    lines = [ln for t in seen for ln in t.splitlines()]
+    line = re.compile(r"^iteration (\d) of 3 done · ([\d.]+) s per iteration · ETA ([\d.]+) s \((\d) left\)$")
+    got = {int(m[1]): m for m in map(line.match, lines) if m}
+    assert set(got) == {1, 2}, seen
+    for k, m in got.items():
+        per, eta, left = float(m[2]), float(m[3]), int(m[4])
+        # both are rounded as shown: 0.1 s below 10 s, whole seconds above
+        tol = (0.05 if per < 9.95 else 0.5) * left + (0.05 if eta < 9.95 else 0.5)
+        assert left == 3 - k and per > 0 and eta == pytest.approx(per * left, abs=tol), m[0]
+    assert any(re.match(r"^iteration 3 of 3 done · [\d.]+ s per iteration · press finished in [\d.]+ s$", ln)
+               for ln in page.node_text(7).splitlines()), page.node_text(7)
+
+    # Cancel during a longer press: the node says where it stopped, and it stays there
+    page.set_widgets(7, {"iterations_per_queue": 30})
+    page.button("Run", "Queue Prompt", "Queue")
+    page.wait("iteration 1 of the second press", lambda: "iteration 1 of 30 (run iteration 4) done"
+              in page.node_text(7), every=0.1)
+    _click_cancel_until_stopped(page)
+    text = page.wait("the stopped line on the Update node",
+                     lambda: (lambda t: t if "(cancelled)" in t else None)(page.node_text(7)), timeout=15)
+    time.sleep(3.0)
+    _wait_idle(page, timeout=5)
+    page.shot("progress_cancelled")
+    ckpt = page.base / "output" / "pcpo" / run / "checkpoint.safetensors"
+    done = int(_safetensors_metadata(ckpt)["iteration"])
+    assert 4 <= done < 33, done
+    first = page.node_text(7).splitlines()[0]
+    assert first == (f"stopped at iteration {done - 3 + 1} of 30 (run iteration {done + 1}) (cancelled): the run "
+                     f"keeps its {done} finished iteration(s); Run continues from there"), (first, text)
+    # Run continues from there: the next press starts at the run's next iteration
+    page.set_widgets(7, {"iterations_per_queue": 1})
+    page.button("Run", "Queue Prompt", "Queue")
+    page.wait("the next press", lambda: f"iteration 1 of 1 (run iteration {done + 1}) done" in page.node_text(7))
+    _wait_idle(page)
+    assert "(cancelled)" not in page.node_text(7)
+
+
+# --------------------------------------------------------------------------- the human-rating panel and signal
+
+def _toolbar_rects(page) -> list:
+    """The rects of the page's Run and Cancel buttons and of the bar holding them."""
+    return page.js("""
+        const out = [];
+        for (const e of document.querySelectorAll('.actionbar, button')) {
+          if (e.closest('#pcpo-rating-panel')) continue;
+          const l = e.tagName === 'BUTTON' ? (e.getAttribute('aria-label') || e.innerText.trim()) : 'actionbar';
+          if (!['actionbar', 'Run', 'Queue', 'Queue Prompt', 'Cancel current run', 'Interrupt', 'Cancel'].includes(l)) continue;
+          const r = e.getBoundingClientRect();
+          if (r.width > 0 && r.height > 0) out.push({label: l, left: r.left, right: r.right, top: r.top, bottom: r.bottom});
+        }
+        return out;""")
+
+
+def _intersect(a: dict, b: dict) -> bool:
+    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
+
+
+def test_human_rating_panel_hint_and_place_and_the_update_shows_a_signal(page):
+    """The panel's key hint names the keys of the group on screen (4 images: 1-4), the panel leaves
+    the Run/Cancel bar free, and after the rating the Update node shows the rated groups and the
+    model reward of the rated images (saturation in the demo), not a reward mean that is 0 by
+    construction."""
+    import re
+    run = f"browser_signal_{uuid.uuid4().hex[:6]}"
+    wf = _read(WORKFLOWS / "demo_tiny_human_rating.json")
+    page.load(wf)
+    page.set_widgets(2, {"run_name": run})
+    page.set_widgets(4, {"steps": 4})
+    page.set_widgets(7, {"iterations_per_queue": 1})
+    page.set_widgets(_node_of(wf, "PCPOHumanRating")["id"], {"timeout_s": 300})
+    page.button("Run", "Queue Prompt", "Queue")
+    page.wait("the rating panel", lambda: page.js(
+        "return document.querySelectorAll('#pcpo-rating-panel .pcpo-img').length === 4"))
+    time.sleep(0.6)  # the panel re-places itself on its countdown tick
+    n = page.js("return document.querySelectorAll('#pcpo-rating-panel .pcpo-img').length")
+    hint = page.js("return document.querySelector('#pcpo-rating-panel .pcpo-help').textContent")
+    assert f"keys 1-{n} best, Shift+1-{n} worst" in hint, hint
+    # a digit beyond the group's images picks nothing
+    from selenium.webdriver.common.action_chains import ActionChains
+    ActionChains(page.d).send_keys("5").perform()
+    assert "BEST" not in page.js("return document.querySelector('#pcpo-rating-panel .pcpo-grid').innerText")
+    panel = page.js("const r = document.getElementById('pcpo-rating-panel').getBoundingClientRect();"
+                    "return {left: r.left, right: r.right, top: r.top, bottom: r.bottom};")
+    bars = _toolbar_rects(page)
+    page.shot("rating_panel_placed")
+    assert any(b["label"] in ("Run", "Queue", "Queue Prompt") for b in bars), bars
+    hits = [b for b in bars if _intersect(panel, b)]
+    assert not hits, (panel, hits)
+    # rate both groups by keys: 1 best, Shift+2 worst, Enter; the same in group 2, Enter submits
+    from selenium.webdriver.common.keys import Keys
+    for _ in range(2):
+        ActionChains(page.d).send_keys("1").perform()
+        ActionChains(page.d).key_down(Keys.SHIFT).send_keys("2").key_up(Keys.SHIFT).perform()
+        ActionChains(page.d).send_keys(Keys.ENTER).perform()
+        time.sleep(0.3)
+    page.wait("the panel to close", lambda: not page.js("return !!document.getElementById('pcpo-rating-panel')"),
+              timeout=15)
+    _wait_idle(page)
+    page.shot("human_signal")
+    text = page.wait("the Update node's text", lambda: page.node_text(7))
+    first = text.splitlines()[0]
+    m = re.match(r"^iteration 1/1: rated groups: 2 \(2 of 2 this iteration\) · saturation of the rated images "
+                 r"(-?[\d.]+) \(running mean (-?[\d.]+) over 1\)$", first)
+    assert m, text
+    assert "running mean 0.0000" not in text
+    # the number shown is the saturation of the rated images (ratings.jsonl keeps their ids, rated/ their PNGs)
+    import numpy as np
+    from PIL import Image
+    from comfyui_pcpo import rewards as R
+    import torch
+    rec = [json.loads(x) for x in (page.base / "output" / "pcpo" / run / "ratings.jsonl").read_text().splitlines()]
+    ids = [i for g in rec[0]["groups"] for i in g["images"]]
+    imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(page.base / "output" / "pcpo" / run / "rated"
+                                                               / f"{i}.png").convert("RGB"), dtype=np.float32) / 255.0)
+                        for i in ids])
+    want = float(R.builtin_reward("saturation").score(imgs, [""] * len(ids)).double().mean())
+    assert float(m[1]) == pytest.approx(want, abs=2e-3), (m[1], want)

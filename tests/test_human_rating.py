@@ -279,6 +279,61 @@ def test_node_waits_for_the_page_records_the_rating_and_feeds_the_update(comfy, 
     stats = json.loads(res["result"][1])
     assert stats["reward_mean"] == 0.0 and stats["zero_std_groups"] == 1 and stats["groups"] == 2
     assert stats["reward_std"] == pytest.approx((2 / 8) ** 0.5)
+    # the node says what shows progress: with unrated=skip there is no model reward, nor a held-out one
+    shown = res["ui"]["pcpo_stats"][0]
+    assert shown["rated_groups_total"] == 1
+    assert shown["signal"].startswith("rated groups: 1 (1 of 2 this iteration); no reward model to track "
+                                      "progress -- wire Held-out Evaluation")
+    assert session.state.history[-1]["rated_groups_total"] == 1
+    assert shown["progress"]["text"].startswith("iteration 1 of 1 done")
+
+
+def test_rated_groups_are_tracked_with_the_model_reward_of_their_images(comfy, tiny, pcpo, comfy_dirs, monkeypatch):
+    """Human ratings are relative (mean 0): with unrated=model reward the model reward also scores the
+    rated groups, and the Update node shows its mean over the rated images and the rated-group count
+    over the run (kept in the run's history, so it survives a resume)."""
+    human = pcpo.mod("nodes.human")
+    routes = pcpo.mod("nodes.human_routes")
+    update = pcpo.mod("nodes.update")
+    monkeypatch.setattr(routes, "register_with_server", lambda: True)
+    run = "human_tracked"
+    _, traj, images, session = _rollout(comfy, tiny, pcpo, comfy_dirs, run)
+
+    def page():  # rates group 0 only; group 1 goes to the model reward
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pending = routes.REGISTRY.pending()
+            if pending:
+                req = pending[0]
+                g0 = req.groups[0]
+                routes.REGISTRY.submit({"request_id": req.request_id, "ratings": {
+                    str(g0["group"]): {"best": g0["images"][0], "worst": g0["images"][2]}}})
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=page)
+    t.start()
+    out = human.PCPOHumanRating().rate(images, traj, "best-worst", 0, "model reward", "rank", 30, "saturation")
+    t.join()
+    rewards, _ = out["result"]
+    from comfyui_pcpo import rewards as R
+    sat = R.builtin_reward("saturation").score(images.cpu(), traj.prompts).double().tolist()
+    gids = traj.traj.group_ids.tolist()
+    first = gids[0]
+    want = sum(v for v, g in zip(sat, gids) if g == first) / gids.count(first)
+    assert rewards.human["rated_groups"] == 1 and rewards.human["groups"] == 2
+    assert rewards.human["model_reward_name"] == "saturation"
+    assert rewards.human["model_reward"] == pytest.approx(want, rel=1e-6)
+    # the rewards themselves are unchanged: the rated group's ranks from the rating, the other's from the model
+    rated_vals = [v for v, g in zip(rewards.values.tolist(), gids) if g == first]
+    assert sorted(rated_vals) == [-1.0, 0.0, 0.0, 1.0]
+    res = update.PCPOLoRAUpdate().update(session, traj, rewards, "pcpo", 1e-4, 5.0, 1.0, 4, 1.0, 1, 3, 1)
+    shown = res["ui"]["pcpo_stats"][0]
+    assert shown["signal"] == (f"rated groups: 1 (1 of 2 this iteration) · saturation of the rated images "
+                               f"{want:.4f} (running mean {want:.4f} over 1)")
+    assert session.state.history[-1]["rated_model_reward"] == pytest.approx(want, rel=1e-6)
+    assert shown["progress"]["text"].startswith("iteration 1 of 3 done · ") and "ETA" in shown["progress"]["text"]
+    assert shown["progress"]["cancel_text"].startswith("stopped at iteration 2 of 3 (cancelled)")
 
 
 def test_node_times_out_into_the_model_reward_in_mixed_mode(comfy, tiny, pcpo, comfy_dirs, monkeypatch):

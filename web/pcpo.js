@@ -1,7 +1,9 @@
 // comfyui-pcpo page extension (plain ES module, loaded by the ComfyUI frontend from WEB_DIRECTORY):
 //  * the rating panel of the PCPO Human Rating node (best/worst or 1-5 scores, keyboard shortcuts,
 //    countdown, skip, cancel), talking to the pack's /pcpo/ratings/* routes;
-//  * the latest stats and a running mean on the PCPO LoRA Update node, the written path on the
+//  * the latest stats and a running mean on the PCPO LoRA Update node (under human ratings the rated
+//    groups and the model or held-out reward instead), the press's progress (iteration k of N, time
+//    per iteration, ETA) and, after Cancel, where the press stopped; the written path on the
 //    PCPO Export LoRA node, the rating summary on the Human Rating node (the stock frontend does
 //    not draw a node's ui.text);
 //  * the seeds of a PCPO node added to the graph start at "fixed" (the frontend sets the control
@@ -45,8 +47,11 @@ function showOnNode(node, message) {
   const lines = [];
   const stats = message.pcpo_stats && message.pcpo_stats[0];
   if (stats) {
-    lines.push(`iteration ${stats.iteration}/${stats.target_iteration}: reward ${fmt(stats.reward_mean)}` +
-               ` (running mean ${fmt(stats.running_mean)} over ${stats.running_count})`);
+    // human ratings: their reward mean is 0 by construction; the server says what shows progress
+    lines.push(`iteration ${stats.iteration}/${stats.target_iteration}: ` + (stats.signal ? stats.signal :
+               `reward ${fmt(stats.reward_mean)} (running mean ${fmt(stats.running_mean)} over ${stats.running_count})`));
+    if (stats.progress) lines.push(stats.progress.text);
+    node.__pcpoCancelText = stats.progress ? stats.progress.cancel_text : null;
   }
   for (const t of message.text || []) lines.push(String(t));
   const el = nodeText(node);
@@ -54,8 +59,32 @@ function showOnNode(node, message) {
     lines.push(STATS_LEGEND);
     el.title = STATS_LEGEND;
   }
+  node.__pcpoLines = lines;
   el.textContent = lines.join("\n");
   node.setDirtyCanvas?.(true, true);
+}
+
+// a Cancel during a press of Run: the line the server wrote for it goes on top of the node's text
+// and stays there until the node runs again
+function showStopped(node, text) {
+  if (!node || node.type !== "PCPOLoRAUpdate" || !text) return;
+  const el = nodeText(node);
+  el.textContent = [text, ...(node.__pcpoLines || [])].join("\n");
+  el.dataset.stopped = "1";
+  node.setDirtyCanvas?.(true, true);
+}
+
+function onInterrupted() {
+  for (const n of (app.graph && app.graph._nodes) || []) {
+    if (n.type === "PCPOLoRAUpdate" && n.__pcpoCancelText) showStopped(n, n.__pcpoCancelText);
+  }
+}
+
+function onLoopStopped(detail) {
+  if (!detail || typeof detail.text !== "string" || !app.graph) return;
+  const id = String(detail.node);
+  const node = app.graph.getNodeById(id) || app.graph.getNodeById(Number(id));
+  showStopped(node, detail.text);
 }
 
 // the status line of every Human Rating node in the graph while a rating is pending
@@ -80,6 +109,52 @@ function fixSeeds(node) {
 }
 
 // ------------------------------------------------------------------ the rating panel
+
+// the key hint for a group of n images: the digit keys pick images 1..min(n, 9)
+function keyHelp(mode, n) {
+  const k = Math.min(n, 9);
+  const keys = k > 1 ? `1-${k}` : "1";
+  const rest = n > 9 ? ` (images 10-${n}: click)` : "";
+  return mode === "score"
+    ? "Keys: 1-5 score the highlighted image and move on · arrows move · Enter next group · S skip · Backspace back"
+    : `Click = best, Shift+click or right-click = worst · keys ${keys} best, Shift+${keys} worst${rest} · ` +
+      "Enter next group · S skip · Backspace back";
+}
+
+// the page's own controls the panel must leave visible: the Run/Cancel bar (docked in the top menu
+// or floating) and the top menu bar
+const TOOLBARS = ".actionbar, .comfyui-menu, .comfy-menu, .comfyui-body-top";
+const MARGIN = 8;
+
+function toolbarRects() {
+  const out = [];
+  for (const e of document.querySelectorAll(TOOLBARS)) {
+    if (e.offsetParent === null && getComputedStyle(e).position !== "fixed") continue;
+    const r = e.getBoundingClientRect();
+    if (r.width > 0 && r.height > 0 && r.bottom > 0 && r.top < window.innerHeight) out.push(r);
+  }
+  return out;
+}
+
+function intersects(a, b) {
+  return a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+}
+
+// put the panel at the right, below every toolbar it would cover (or left of a toolbar floating low)
+function placePanel(el) {
+  const width = Math.min(560, window.innerWidth - 2 * MARGIN);
+  const bars = toolbarRects();
+  const left = window.innerWidth - 16 - width;
+  let top = 60;
+  for (let i = 0; i < 8; i++) {
+    const box = { left, right: left + width, top, bottom: top + Math.min(el.offsetHeight || 400, window.innerHeight) };
+    const hit = bars.filter((r) => intersects(r, box));
+    if (!hit.length) break;
+    top = Math.max(...hit.map((r) => r.bottom)) + MARGIN;
+  }
+  Object.assign(el.style, { top: `${Math.round(top)}px`, right: "16px", width: `${width}px`,
+                            maxHeight: `${Math.max(200, window.innerHeight - top - 16)}px` });
+}
 
 const panel = {
   req: null, group: 0, ratings: {}, cursor: 0, el: null, timer: null, busy: false,
@@ -142,6 +217,7 @@ const panel = {
     el.querySelector(".pcpo-cancel").onclick = () => this.cancel();
     document.body.appendChild(el);
     this.el = el;
+    placePanel(el);
   },
 
   current() { return this.req.groups[this.group]; },
@@ -167,9 +243,7 @@ const panel = {
     const done = req.groups.filter((x) => this.complete(x)).length;
     this.el.querySelector(".pcpo-group-label").textContent = `Group ${this.group + 1} of ${n}${extra} · ${done} rated`;
     this.el.querySelector(".pcpo-prompt").textContent = g.prompt || "(no prompt text)";
-    this.el.querySelector(".pcpo-help").textContent = req.mode === "score"
-      ? "Keys: 1-5 score the highlighted image and move on · arrows move · Enter next group · S skip · Backspace back"
-      : "Click = best, Shift+click or right-click = worst · keys 1-8 best, Shift+1-8 worst · Enter next group · S skip · Backspace back";
+    this.el.querySelector(".pcpo-help").textContent = keyHelp(req.mode, g.images.length);
     const grid = this.el.querySelector(".pcpo-grid");
     grid.innerHTML = "";
     g.images.forEach((id, i) => {
@@ -227,6 +301,7 @@ const panel = {
     const s = Math.max(0, Math.round((this.deadline - Date.now()) / 1000));
     const left = `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")} left`;
     this.el.querySelector(".pcpo-countdown").textContent = left;
+    placePanel(this.el);  // the Run bar can be moved, the window resized
     const done = this.req.groups.filter((x) => this.complete(x)).length;
     nodeStatus(`waiting for your rating (panel at the top right): ${done} of ${this.req.groups.length} ` +
                `group(s) rated, ${left}`);
@@ -313,7 +388,8 @@ const panel = {
     if (digit) {
       const k = Number(digit[1]);
       if (this.req.mode === "score") { if (k <= 5) this.score(k); else handled = false; }
-      else this.pick(k - 1, e.shiftKey ? "worst" : "best");
+      else if (k <= this.current().images.length) this.pick(k - 1, e.shiftKey ? "worst" : "best");
+      else handled = false;
     } else if (e.key === "Enter") this.next();
     else if (e.key === "s" || e.key === "S") this.skip();
     else if (e.key === "Backspace") this.move(-1);
@@ -339,6 +415,8 @@ app.registerExtension({
   async setup() {
     api.addEventListener("pcpo.rating_request", (e) => panel.open(e.detail));
     api.addEventListener("pcpo.rating_done", (e) => panel.close(e.detail && e.detail.request_id));
+    api.addEventListener("pcpo.loop_stopped", (e) => { try { onLoopStopped(e.detail); } catch (err) { console.error("pcpo", err); } });
+    api.addEventListener("execution_interrupted", () => { try { onInterrupted(); } catch (err) { console.error("pcpo", err); } });
     document.addEventListener("keydown", (e) => panel.onKey(e), true);
     setInterval(poll, POLL_MS);
     poll();
