@@ -25,7 +25,6 @@ import comfy.utils
 from comfyui_pcpo import rewards as R
 from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, MIN_LR_SCALE, GuardConfig, GuardState,
                                 accept_best, decide, lower_lr, rollback, save_best, scaled_lr)
-from comfyui_pcpo.plan import prediction_from_denoised
 from comfyui_pcpo.rewards.base import RewardMix
 from comfyui_pcpo.rollout import KLToReference, rollout
 from comfyui_pcpo.run import heldout_seed
@@ -33,10 +32,10 @@ from comfyui_pcpo.run import heldout_seed
 from .dashboard import merge_metrics, preview, to_image_tensor
 from .export import filename_error
 from .validation import verdict
-from .glue import interrupted, lora_multiplier, run_in_guider
+from .glue import run_in_guider
 from .prompts import encode_text, read_prompt_lines
 from .reward_models import run_reward
-from .sampler import latent_shape_for, make_plan
+from .sampler import latent_shape_for, make_plan, policy_and_base, step_progress
 
 log = logging.getLogger("comfyui-pcpo")
 NO_GUARD = "(none)"
@@ -119,18 +118,10 @@ def sample_heldout(session, conds, shape, sigmas, eta, cfg, samples_per_prompt, 
         x_init = ms.noise_scaling(torch.tensor(sigma0), noise, torch.zeros_like(noise), max_denoise)
 
         def fn(predict, x_init=x_init, gen=gen):
-            def pred(x, s):
-                return prediction_from_denoised(plan, x, predict(x, s), s)
-
-            def ref(x, s):
-                with lora_multiplier(session.adapters, 0.0):
-                    return pred(x, s)
-
-            def step_cb(i, _x_next):
-                pbar.update(1)
-                interrupted()
+            pred, ref = policy_and_base(plan, predict, session.adapters)
             kl = KLToReference(plan, ref, n)
-            x, _ = rollout(pred, plan, x_init.to(model.load_device), gen, record=False, on_step=kl, callback=step_cb)
+            x, _ = rollout(pred, plan, x_init.to(model.load_device), gen, record=False, on_step=kl,
+                           callback=step_progress(pbar))
             return x, kl.kl
 
         with torch.no_grad():

@@ -150,6 +150,26 @@ FLOW_NOISE_TOOLTIP = ("Flow models (SD3, FLUX) only; SD1.x/SDXL ignore it. How t
                       "the last, detailed ones; use eta near 0.7 with it.")
 
 
+def policy_and_base(plan: StepPlan, predict, adapters: dict):
+    """The kernel's prediction (eps / v) of the policy and of the base model (every adapter at 0),
+    from a guider's denoised-x0 predictor ``predict(x, sigma)``."""
+    def pred(x, s):
+        return prediction_from_denoised(plan, x, predict(x, s), s)
+
+    def ref(x, s):
+        with lora_multiplier(adapters, 0.0):
+            return pred(x, s)
+    return pred, ref
+
+
+def step_progress(pbar):
+    """A rollout callback: one step of ComfyUI's progress bar, and Cancel honoured after each step."""
+    def step_cb(i, _x_next):
+        pbar.update(1)
+        interrupted()
+    return step_cb
+
+
 class PCPOTrajectorySampler:
     CATEGORY = "PCPO"
     FUNCTION = "sample"
@@ -284,20 +304,9 @@ class PCPOTrajectorySampler:
             x_init = ms.noise_scaling(torch.tensor(sigma0), noise, base, max_denoise)  # as KSAMPLER.sample
 
             def fn(predict, x_init=x_init, gen=gen):
-                x0 = x_init.to(model.load_device)
-
-                def pred(x, s):
-                    return prediction_from_denoised(plan, x, predict(x, s), s)
-
-                def ref(x, s):
-                    with lora_multiplier(session.adapters, 0.0):
-                        return pred(x, s)
-
-                def step_cb(i, x):
-                    pbar.update(1)
-                    interrupted()
-
-                return rollout(pred, plan, x0, gen, predict_ref=ref, callback=step_cb)
+                pred, ref = policy_and_base(plan, predict, session.adapters)
+                return rollout(pred, plan, x_init.to(model.load_device), gen, predict_ref=ref,
+                               callback=step_progress(pbar))
 
             xf, rec = run_in_guider(model, pos, neg, cfg, (G, *shape), sig.float(), fn, seed=seed)
             records.append(rec)
