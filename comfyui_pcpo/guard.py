@@ -16,8 +16,11 @@ After each held-out evaluation (:func:`judge`):
   ``MIN_LR_SCALE`` = 1/64 of the node's value), or ``continue``.
 
 The best state is one run-checkpoint file (``best.safetensors`` beside the run checkpoint, the same
-format); the guard's own state (best score and iteration, the guard rewards' references, the
-learning-rate scale and the log of every rollback with its reason) is ``guard.json``.
+format), written before the run checkpoint that refers to it (by its iteration).  The guard's own
+state (best score and iteration, the guard rewards' references, the learning-rate scale and the log
+of every rollback with its reason) is committed inside the run checkpoint (its ``guard`` companion,
+:func:`guard_of`), so a kill at any moment resumes with the learning rate and best state that go with
+the LoRA; ``guard.json`` is a readable copy written after each commit (and rebuilt on resume).
 
 Several processes (torchrun): the run has ONE verdict per evaluation (:func:`decide`).  Rank 0
 judges its own held-out scores and broadcasts the verdict with the guard state it leads to, and
@@ -33,6 +36,7 @@ could see.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -41,7 +45,7 @@ from typing import Optional
 
 from . import distributed
 from .distributed import is_writer
-from .run import RunState, read_checkpoint, write_checkpoint
+from .run import CheckpointError, RunState, read_checkpoint, write_checkpoint
 
 ACTIONS = ("stop", "lower_lr", "continue")
 BEST_FILE = "best.safetensors"
@@ -99,10 +103,45 @@ class GuardState:
 
     @classmethod
     def load(cls, path: str) -> "GuardState":
+        """``guard.json`` (of a run checkpointed before the guard state moved into the checkpoint); a
+        damaged file raises :class:`CheckpointError` naming it and the fix."""
         if not os.path.exists(path):
             return cls()
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            gs = cls.from_dict(d)
+            gs.lr_scale = float(gs.lr_scale)
+            if not (0 < gs.lr_scale <= 1) or not isinstance(gs.rollbacks, list) or not isinstance(gs.guard_ref, dict):
+                raise ValueError(f"lr_scale {gs.lr_scale!r} or the rollback log is not valid")
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"the Reward Guard state {path} is damaged ({e}), and this run's checkpoint (written by an earlier "
+                "version) holds no copy of it. Restore the file from a backup, or delete it to let the guard "
+                "start afresh (best state, learning-rate scale and rollback log are forgotten; the LoRA is kept)."
+            ) from e
+        return gs
+
+
+def guard_of(state: RunState, legacy_path: Optional[str] = None) -> GuardState:
+    """The guard state committed with ``state`` (its checkpoint's ``guard`` companion); a state loaded
+    from a checkpoint written before companions existed reads ``legacy_path`` (``guard.json``) once."""
+    if state.companions is None:  # an older checkpoint: guard.json is the only record
+        gs = GuardState.load(legacy_path) if legacy_path else GuardState()
+        if gs.best_iteration is not None and gs.best_iteration > state.iteration:
+            gs = GuardState()  # a file from a later point of the run than its state: a run started over
+        return gs
+    rec = state.companions.get("guard")
+    return GuardState.from_dict(rec) if isinstance(rec, dict) else GuardState()
+
+
+def keep_guard(state: RunState, gs: GuardState) -> None:
+    """Make ``gs`` part of what the next checkpoint of ``state`` commits."""
+    if state.companions is None:
+        state.companions = {}
+    state.companions["guard"] = gs.to_dict()
 
 
 @dataclass
@@ -110,6 +149,7 @@ class Verdict:
     reasons: list           # why the run trips (empty: admissible)
     new_best: bool          # this evaluation is the best admissible one so far
     rollback_to: Optional[int] = None  # tripped with a best state saved (:func:`decide`): its iteration
+    best_file_iteration: Optional[int] = None  # the iteration the best-state file holds (:func:`decide`)
 
     @property
     def tripped(self) -> bool:
@@ -151,6 +191,7 @@ def decide(cfg: GuardConfig, gs: GuardState, iteration: int, heldout: float, gua
         verdict = judge(cfg, gs, iteration, heldout, guards, kl)
         if verdict.tripped and gs.best_iteration is not None and os.path.exists(best_path):
             verdict.rollback_to = int(gs.best_iteration)
+            verdict.best_file_iteration = best_iteration_of(best_path)
     if not distributed.active():
         return verdict
     verdict, decided = distributed.broadcast_object(
@@ -173,7 +214,20 @@ def save_best(state: RunState, path: str) -> None:
     write_checkpoint(path, tensors, md)
 
 
-_KEPT = ("iteration", "optimizer_steps", "history", "last_reward", "last_objective", "stalled_iterations")
+_KEPT = ("iteration", "optimizer_steps", "history", "last_reward", "last_objective", "stalled_iterations",
+         "lineage", "companions")
+
+
+def best_iteration_of(path: str) -> Optional[int]:
+    """The iteration of the state in a best-state file (None: no file, or unreadable)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return int((f.metadata() or {}).get("iteration", ""))
+    except Exception:
+        return None
 
 
 def rollback(state: RunState, path: str) -> None:
@@ -184,6 +238,7 @@ def rollback(state: RunState, path: str) -> None:
     rank 0 needs the file."""
     kept = {k: getattr(state, k) for k in _KEPT}
     kept["history"] = list(kept["history"])
+    kept["companions"] = copy.deepcopy(kept["companions"])
     if distributed.active():
         tensors, md = distributed.broadcast_object(read_checkpoint(path) if distributed.is_writer() else None)
         state.load_tensors(tensors, md, path)

@@ -168,6 +168,29 @@ def truncate_metrics(path: str, iteration: int) -> int:
     return len(records) - len(keep)
 
 
+def repair_metrics(log: "MetricsLog", iteration: int, records: Iterable[dict]) -> int:
+    """Make ``metrics.jsonl`` agree with a run checkpoint at ``iteration`` whose ``metrics`` companion
+    holds ``records`` (the lines it committed that may not be in the file): lines after ``iteration``
+    are dropped and each committed record is written where it is missing or differs.  Returns how
+    many lines were dropped or written."""
+    iteration = int(iteration)
+    have = {int(r["iteration"]): r for r in log.records()}
+    changed = 0
+    later = [it for it in have if it > iteration]
+    if later:
+        _rewrite(log.path, [r for it, r in have.items() if it <= iteration])
+        changed += len(later)
+        have = {it: r for it, r in have.items() if it <= iteration}
+    for rec in sorted((r for r in records if isinstance(r, dict) and "iteration" in r),
+                      key=lambda r: int(r["iteration"])):
+        it = int(rec["iteration"])
+        if it <= iteration and have.get(it) != rec:
+            log.write(it, rec)
+            have = {int(r["iteration"]): r for r in log.records()}
+            changed += 1
+    return changed
+
+
 def running_mean(values: list, window: int = RUNNING_MEAN_WINDOW) -> float:
     vals = [float(v) for v in values[-window:] if v is not None]
     return sum(vals) / len(vals) if vals else float("nan")

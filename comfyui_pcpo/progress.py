@@ -6,17 +6,14 @@ indicator sees one job per iteration, so the node itself says where the press st
 of N done", the time per iteration and the time left, and, after Cancel, at which iteration the
 press stopped and that Run continues the run from there.
 
-A :class:`Press` is what the re-queued prompts carry from the first one (in the loop marker, see
-:func:`marker_items`): the run's iteration when the press began, its target, and the wall-clock time
-its first iteration began.  Everything here is plain arithmetic on those numbers.
+A :class:`Press` is what the server remembers of the press for its re-queued prompts (with its loop,
+``comfyui_pcpo.lineage.Loop``): the run's iteration when the press began, its target, and the
+wall-clock time its first iteration began.  Everything here is plain arithmetic on those numbers.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-PRESS_FIRST = "press_first"      # loop-marker key: the run's iteration when the press began
-PRESS_STARTED = "press_started"  # loop-marker key: wall-clock seconds when its first iteration began
 
 
 @dataclass(frozen=True)
@@ -34,26 +31,11 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def press_from(marker, iteration_before: int, iterations_per_queue: int, started: float) -> Press:
-    """The press an update belongs to.  ``marker`` is the loop marker of a re-queued prompt (None for
-    the prompt the user queued: a new press of ``iterations_per_queue`` iterations from
-    ``iteration_before``, begun at ``started``).  A marker without the press items (written by an
-    older version of the pack) gives a press that began ``iterations_per_queue`` iterations before
-    its target, timed from ``started``."""
+def new_press(iteration_before: int, iterations_per_queue: int, started: float) -> Press:
+    """The press the user's prompt begins: ``iterations_per_queue`` iterations from
+    ``iteration_before``, its first iteration begun at ``started``."""
     before = int(iteration_before)
-    if marker is None:
-        return Press(before, before + int(iterations_per_queue), float(started))
-    target = int(marker.get("target", before + 1))
-    first = marker.get(PRESS_FIRST)
-    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= before:
-        first = min(before, max(0, target - int(iterations_per_queue)))
-    began = marker.get(PRESS_STARTED)
-    return Press(int(first), target, float(began) if _finite(began) else float(started))
-
-
-def marker_items(press: Press) -> dict:
-    """What a re-queued prompt carries of its press (JSON: ints and a float)."""
-    return {PRESS_FIRST: int(press.first), PRESS_STARTED: float(press.started)}
+    return Press(before, before + int(iterations_per_queue), float(started))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,12 @@ ranks in [-1, 1] (ties share their mean rank), so human and model groups share o
 keeps human values ((score - 3) / 2, or +1/0/-1) and raw model rewards.
 
 Submissions are validated against the request the server issued (:func:`validate_submission`); every
-rating is appended, with the images' ids, to ``ratings.jsonl`` in the run folder.
+rating is appended, with the images' ids, to ``ratings.jsonl`` in the run folder.  A rating is
+recorded before the update that trains on it; the run checkpoint commits the id of the request each
+iteration trained on, and after that commit a *trained mark* (:func:`trained_mark`) naming it is
+appended.  An iteration that was rated again (after a crash, or after its update failed) leaves
+several records of the same iteration: the marked one is the one the run trained on
+(:func:`trained_ratings`); the others were not used.
 """
 from __future__ import annotations
 
@@ -334,6 +339,38 @@ def read_jsonl(path: str) -> list:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def trained_mark(run: str, lineage: str, iteration: int, request_ids: list) -> dict:
+    """The line that says which rating record(s) iteration ``iteration`` of a run trained on."""
+    return {"trained": True, "run": run, "lineage": lineage, "iteration": int(iteration),
+            "request_ids": sorted(str(r) for r in request_ids)}
+
+
+def is_mark(record: dict) -> bool:
+    return isinstance(record, dict) and record.get("trained") is True and "request_ids" in record
+
+
+def trained_ratings(path: str, lineage: str | None = None) -> dict:
+    """{iteration: [rating records the run trained on]} of a ratings file (the records named by its
+    trained marks; with ``lineage``, only that run's marks).  A record without a mark was not used."""
+    records = read_jsonl(path)
+    by_id = {r.get("request_id"): r for r in records if not is_mark(r)}
+    out = {}
+    for m in records:
+        if is_mark(m) and (lineage is None or m.get("lineage") == lineage):
+            out[int(m["iteration"])] = [by_id[i] for i in m["request_ids"] if i in by_id]
+    return dict(sorted(out.items()))
+
+
+def ensure_mark(path: str, mark: dict) -> bool:
+    """Append ``mark`` unless the file already has it (a resume after a kill right after the
+    checkpoint committed); True when appended."""
+    for r in read_jsonl(path):
+        if is_mark(r) and all(r.get(k) == mark[k] for k in ("lineage", "iteration", "request_ids")):
+            return False
+    append_jsonl(path, mark)
+    return True
 
 
 def finite(x: float) -> float | None:

@@ -19,7 +19,13 @@
   either the previous or the new state, never a mix.  :func:`write_checkpoint` seals it with a
   SHA-256 of every tensor and of the metadata (whatever keys the file holds);
   :func:`read_checkpoint` and :meth:`RunState.load` verify checksums, metadata types, shapes,
-  values and optimizer state before anything is used (see :func:`verify_checksums`).
+  values and optimizer state before anything is used (see :func:`verify_checksums`).  Everything
+  else a run writes is committed by it too: the checkpoint's metadata carries the run's
+  *companions* (:data:`COMPANIONS`: the Reward Guard's state, the metrics records not yet known to
+  be in ``metrics.jsonl``, the ids of the rating requests the iteration trained on) and its
+  *lineage* (an id made when the run starts, which tells one run from another that reuses its
+  name); ``guard.json``, ``metrics.jsonl`` and the marks in ``ratings.jsonl`` are logs derived
+  from it and repaired from it on resume.
 * :class:`RunRegistry` -- live runs kept in memory between queued prompts, least recently used
   ones evicted (after their state is on disk) beyond a bound.
 """
@@ -30,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections import OrderedDict
@@ -62,6 +69,9 @@ DAMAGED_FIX = ("It was not used: nothing was sampled, trained or written, and th
                "start a new run_name (a new LoRA trains on top of it).")
 
 log = logging.getLogger("comfyui_pcpo")
+
+
+COMPANIONS = ("guard", "metrics", "ratings")  # JSON records committed with the checkpoint (see RunState)
 
 
 class CheckpointError(ValueError):
@@ -195,6 +205,15 @@ def parse_metadata(path: str, md: dict) -> dict:
     except (TypeError, ValueError) as e:
         raise _damaged(path, f"has settings that are not valid ({e})") from e
     return out
+class CheckpointWriteError(OSError):
+    """The run checkpoint could not be written (a full disk, permissions); the message names the file
+    and says that the run is kept in memory."""
+
+
+def new_lineage() -> str:
+    """The id of a run that starts (kept in its checkpoint for the life of the run)."""
+    import uuid
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -305,6 +324,10 @@ class RunState:
         self._grad_scaler_state: Optional[dict] = None  # loaded before a scaler was asked for
         self.stalled_iterations = 0        # consecutive iterations without a usable gradient
         self.load_notes: list = []         # non-fatal findings of the last load (shown by the next update)
+        self.lineage = new_lineage()       # which run this is (a name reused after a restart is another)
+        # JSON records committed with the checkpoint, by name (COMPANIONS); None: the checkpoint this
+        # state came from was written before companions existed (its guard state is in guard.json)
+        self.companions: Optional[dict] = {}
 
     def params(self) -> list:
         return [p for a in self.adapters.values() for p in a.parameters()]
@@ -397,7 +420,9 @@ class RunState:
             "history": json.dumps(self.history[-HISTORY_KEPT:]), "last_reward": self.last_reward or "",
             "last_objective": self.last_objective or "", "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "grad_scaler": json.dumps(self.grad_scaler.state_dict()) if self.grad_scaler is not None else "",
-            "stalled_iterations": str(self.stalled_iterations),
+            "stalled_iterations": str(self.stalled_iterations), "lineage": self.lineage,
+            **{f"companion_{k}": json.dumps(v, allow_nan=False, sort_keys=True)
+               for k, v in (self.companions or {}).items() if k in COMPANIONS and v is not None},
         }
 
     def state_tensors(self) -> tuple[dict, dict]:
@@ -423,9 +448,22 @@ class RunState:
 
     def save(self, path: str) -> None:
         """Write the checkpoint atomically (one file; the rename is the commit point), sealed with
-        the checksums of all it holds (:func:`write_checkpoint`)."""
+        the checksums of all it holds (:func:`write_checkpoint`).  A failed write (a full disk)
+        raises :class:`CheckpointWriteError` naming the file; the previous checkpoint stays and this
+        state stays unsaved (written at the next save)."""
         tensors, md = self.state_tensors()
-        write_checkpoint(path, tensors, md)
+        try:
+            write_checkpoint(path, tensors, md)
+        except Exception as e:
+            # safetensors reports a failed write (a full disk) as its own SafetensorError, not OSError
+            if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+                raise
+            err = CheckpointWriteError(
+                f"could not write the run checkpoint {path} ({getattr(e, 'strerror', None) or e}). Free space on "
+                f"that disk (or fix its permissions) and queue again: the run is kept in memory at iteration "
+                f"{self.iteration} with its metrics, and the checkpoint on disk still holds the last one written")
+            err.errno = getattr(e, "errno", None)
+            raise err from e
         self.saved_iteration = self.iteration
 
     def load(self, path: str) -> None:
@@ -442,6 +480,7 @@ class RunState:
         :func:`read_checkpoint` (``path`` names it in errors; ``notes`` are its load notes)."""
         notes = [] if notes is None else notes
         meta = parse_metadata(path, md)
+        companions = read_companions(path, md)
         saved = meta["run_settings"]
         changed = saved.fixed_changes(self.settings)
         if changed:
@@ -519,6 +558,8 @@ class RunState:
         self._grad_scaler_state = scaler_state
         if self.grad_scaler is not None and self._grad_scaler_state:
             self.grad_scaler.load_state_dict(self._grad_scaler_state)
+        self.lineage = md.get("lineage") or new_lineage()  # an older checkpoint: its lineage starts here
+        self.companions = companions
         self.saved_iteration = self.iteration
         self.load_notes = notes
 
@@ -599,6 +640,36 @@ def read_checkpoint(path: str, notes: Optional[list] = None) -> tuple[dict, dict
         raise CheckpointError(f"the run checkpoint {path} has no optimizer state; it is incomplete. Move it away "
                               "to start the run over.")
     return tensors, md
+
+
+def read_companions(path: str, md: dict) -> Optional[dict]:
+    """The companion records of a checkpoint's metadata; None for a checkpoint written before they
+    existed (no ``lineage`` key).  Unreadable records raise :class:`CheckpointError`."""
+    if "lineage" not in md:
+        return None
+    out = {}
+    for k in COMPANIONS:
+        raw = md.get(f"companion_{k}")
+        if raw is None:
+            continue
+        try:
+            out[k] = json.loads(raw)
+        except ValueError as e:
+            raise CheckpointError(f"the run checkpoint {path} holds an unreadable {k} record ({e}); it is corrupt. "
+                                  "Resume from an earlier copy of the run folder, or use a new run_name.") from e
+    return out
+
+
+def checkpoint_lineage(path: str) -> Optional[str]:
+    """The lineage stored in a run checkpoint (None: no file, unreadable, or written before lineages)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("lineage") or None
+    except Exception:
+        return None
 
 
 class RunRegistry:

@@ -219,6 +219,9 @@ def run(args) -> int:
     output = comfyui_module("folder_paths").get_output_directory()
     ckpt = os.path.join(output, "pcpo", run_name, "checkpoint.safetensors")
     resume = bool(prompt[lora_id]["inputs"].get("resume", True))
+    if not resume and os.path.exists(ckpt):  # a run on disk is never overwritten (see comfyui_pcpo.lineage)
+        from .lineage import refuse_restart
+        raise WorkflowError(str(refuse_restart(run_name, os.path.dirname(ckpt), f"its checkpoint {ckpt}")))
     start = (checkpoint_iteration(ckpt) or 0) if resume else 0
     target = int(args.iterations)
     _say(f"run {run_name}: {'resumed at iteration ' + str(start) if start else 'starts at iteration 0'}, target "
@@ -234,16 +237,16 @@ def run(args) -> int:
     iteration, done, t0 = start, 0, time.monotonic()
     t_last, cpu_last = t0, time.process_time()
     rewards: list = []
+    # this command's loop, remembered in-process as a server remembers a press's loop: the prompts
+    # carry only its id, and the LoRA Update reads the target from here
+    loop = sessions.LOOPS.start(run_name, None, target, start, time.time())
+    marker = {"run": run_name, "loop": loop.id}
     with _Interrupt() as stop:
         while iteration < target and not stop.requested:
             peer = distributed.peer_failure() if world > 1 else None
             if peer is not None:  # another rank failed outside a collective: stop here too
                 print(f"[rank {rank}] stopped: {peer}", file=sys.stderr, flush=True)
                 return EXIT_ERROR
-            sess = sessions.SESSIONS.get(run_name)
-            marker = {"run": run_name, "target": target}
-            if sess is not None and not sess.replaced:
-                marker["token"] = sess.token
             try:
                 res = host.execute_prompt(prompt, executor=executor,
                                           extra_data={"extra_pnginfo": {"pcpo_loop": marker}})

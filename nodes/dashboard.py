@@ -16,6 +16,7 @@ import torch
 import folder_paths
 
 from comfyui_pcpo import distributed
+from comfyui_pcpo.commit import current_metrics, flush_metrics, note_metrics
 from comfyui_pcpo.metrics import (MetricsLog, TensorBoardSink, iteration_record, matplotlib_available, metrics_path,
                                   read_metrics, render_dashboard)
 
@@ -25,41 +26,48 @@ log = logging.getLogger("comfyui-pcpo")
 def metrics_log(session) -> MetricsLog:
     """The run's ``metrics.jsonl``, read once per session and then kept in memory (this process is
     its only writer)."""
-    path = metrics_path(session.run_dir)
-    log_ = getattr(session, "_pcpo_metrics", None)
-    if log_ is None or log_.path != path:
-        log_ = session._pcpo_metrics = MetricsLog(path)
-    return log_
+    return session.metrics_log()
 
 
 def record_iteration(session, stats: dict) -> dict:
-    """Write the committed iteration's metrics line; never lets a logging failure stop training."""
+    """The committed iteration's metrics record: noted in the run state (the next checkpoint commits
+    it) and written as its line of ``metrics.jsonl``; a failed write never stops training and loses
+    nothing (the record stays with the run and is written at the next flush)."""
     state = session.state
     if not distributed.is_writer():  # several processes: rank 0 writes the run's files
         return {}
-    try:
-        lr = float(state.optimizer.param_groups[0]["lr"]) if state.optimizer.param_groups else None
-        rec = iteration_record(stats, state.history, {"lr": lr, "optimizer_steps": state.optimizer_steps,
-                                                      "reward": state.last_reward, "objective": state.last_objective})
-        rec = metrics_log(session).write(state.iteration, rec)
-        TensorBoardSink.write(session.run_dir, rec)
-        return rec
-    except OSError as e:
-        log.warning("PCPO %s: could not write metrics.jsonl (%s)", session.run_name, e)
-        return {}
+    lr = float(state.optimizer.param_groups[0]["lr"]) if state.optimizer.param_groups else None
+    rec = iteration_record(stats, state.history, {"lr": lr, "optimizer_steps": state.optimizer_steps,
+                                                  "reward": state.last_reward, "objective": state.last_objective})
+    rec = note_metrics(state, {**rec, "iteration": state.iteration})
+    if flush_metrics(state, metrics_log(session), session.run_name):
+        _tensorboard(session, rec)
+    return rec
 
 
 def merge_metrics(session, fields: dict) -> dict:
-    """Add ``fields`` to the current iteration's metrics line (held-out results, guard events)."""
+    """Add ``fields`` to the current iteration's metrics record (held-out results, guard events)."""
     if not distributed.is_writer():
         return {}
+    state = session.state
+    base = current_metrics(state)
+    if base is None:
+        try:
+            base = next((r for r in metrics_log(session).records() if r["iteration"] == state.iteration),
+                        {"iteration": state.iteration})
+        except OSError:
+            base = {"iteration": state.iteration}
+    rec = note_metrics(state, {**base, **fields, "iteration": state.iteration})
+    if flush_metrics(state, metrics_log(session), session.run_name):
+        _tensorboard(session, {"iteration": rec["iteration"], **fields})
+    return rec
+
+
+def _tensorboard(session, rec: dict) -> None:
     try:
-        rec = metrics_log(session).write(session.state.iteration, fields, merge=True)
-        TensorBoardSink.write(session.run_dir, {"iteration": rec["iteration"], **fields})
-        return rec
+        TensorBoardSink.write(session.run_dir, rec)
     except OSError as e:
-        log.warning("PCPO %s: could not write metrics.jsonl (%s)", session.run_name, e)
-        return {}
+        log.warning("PCPO %s: could not write TensorBoard scalars (%s)", session.run_name, e)
 
 
 def to_image_tensor(arr: np.ndarray) -> torch.Tensor:

@@ -24,10 +24,11 @@ import comfy.utils
 
 from comfyui_pcpo import rewards as R
 from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, MIN_LR_SCALE, GuardConfig, GuardState,
-                                accept_best, decide, lower_lr, rollback, save_best, scaled_lr)
+                                accept_best, decide, guard_of, keep_guard, lower_lr, rollback, save_best,
+                                scaled_lr)
 from comfyui_pcpo.rewards.base import RewardMix
 from comfyui_pcpo.rollout import KLToReference, rollout
-from comfyui_pcpo.run import heldout_seed
+from comfyui_pcpo.run import CheckpointError, heldout_seed
 
 from .dashboard import merge_metrics, preview, to_image_tensor
 from .export import filename_error
@@ -220,6 +221,7 @@ class PCPOHeldOutEvaluation:
             last = None
         due = it >= 1 and (it % int(every) == 0 or it == 1)
         if not due or (last is not None and last.iteration == it):
+            session.commit_pending(by="PCPOHeldOutEvaluation")
             if last is None:
                 return {"ui": {"text": [f"next held-out evaluation at iteration {(it // every + 1) * every}"]},
                         "result": (None, torch.zeros(1, 8, 8, 3), float("nan"))}
@@ -234,6 +236,7 @@ class PCPOHeldOutEvaluation:
                         self._guards(guard_reward, guard_reward_model, guard_reward_model_2))
         _LAST[session.run_name] = held
         merge_metrics(session, held.fields())
+        session.commit_pending(by="PCPOHeldOutEvaluation")  # without a guard: the iteration commits here
         grid = image_grid(held.images)
         text = (f"held-out (iteration {it}): {held.reward_name} {held.reward:.4f}"
                 + "".join(f" | {k} {v:.4f}" for k, v in held.guards.items()) + f" | KL to base {held.kl_base:.3g}")
@@ -275,23 +278,19 @@ class PCPOHeldOutEvaluation:
 # ------------------------------------------------------------------------------------ the guard
 
 def guard_state(session) -> GuardState:
-    """The run's guard state (memory, else ``guard.json``; a file from a later point of the run than
-    the run's own state -- a run started over -- is ignored)."""
+    """The run's guard state: in memory, else the one committed with its checkpoint (a checkpoint of
+    an earlier version: ``guard.json``)."""
     gs = getattr(session, "_pcpo_guard", None)
     if gs is None:
-        gs = GuardState.load(os.path.join(session.run_dir, GUARD_FILE))
-        if gs.best_iteration is not None and gs.best_iteration > session.state.iteration:
-            gs = GuardState()
+        gs = guard_of(session.state, os.path.join(session.run_dir, GUARD_FILE))
         session._pcpo_guard = gs
     return gs
 
 
 def apply_guard_lr(session) -> None:
     """Before an update: the learning rate the guard chose (``lower_lr`` scales the node's value)."""
-    gs = getattr(session, "_pcpo_guard", None)
-    if gs is None and os.path.exists(os.path.join(session.run_dir, GUARD_FILE)):
-        gs = guard_state(session)
-    if gs is None or gs.lr_scale == 1.0:
+    gs = guard_state(session)
+    if gs.lr_scale == 1.0:
         return
     lr = scaled_lr(session.state.settings.learning_rate, gs)
     for g in session.state.optimizer.param_groups:
@@ -373,6 +372,8 @@ class PCPORewardGuard:
         gs = guard_state(session)
         report = {"iteration": state.iteration, "evaluated": False}
         if heldout is None or not heldout.fresh or heldout.iteration != state.iteration:
+            keep_guard(state, gs)
+            session.commit_pending()
             report.update(best_iteration=gs.best_iteration, best=gs.best_score, lr_scale=gs.lr_scale,
                           rollbacks=len(gs.rollbacks))
             return {"ui": {"text": [f"guard: no new evaluation (best {gs.best_score} at {gs.best_iteration})"]},
@@ -395,6 +396,12 @@ class PCPORewardGuard:
             reason = "; ".join(verdict.reasons)
             event = {"iteration": state.iteration, "reason": reason, "action": action, "to_iteration": None}
             if verdict.rollback_to is not None:
+                if verdict.best_file_iteration != verdict.rollback_to:  # rank 0 read it; every rank refuses
+                    raise CheckpointError(
+                        f"PCPO Reward Guard: {best_path} holds iteration {verdict.best_file_iteration}, but the run's "
+                        f"best state is iteration {verdict.rollback_to}: the file does not belong to this point of run "
+                        f"{session.run_name!r} (copied in, or the run was started over by hand). Queue again with "
+                        "the file moved away to continue without that rollback target, or use a new run_name.")
                 rollback(state, best_path)  # several processes: every rank loads rank 0's best state
                 event["to_iteration"] = gs.best_iteration
                 if action == "lower_lr":
@@ -402,7 +409,6 @@ class PCPORewardGuard:
                         event["lr_at_floor"] = True
                     apply_guard_lr(session)
                     event["lr"] = scaled_lr(state.settings.learning_rate, gs)
-                session.save_checkpoint()
                 lines.append(f"ROLLBACK at iteration {state.iteration} to iteration {gs.best_iteration}: {reason}")
                 if event.get("lr_at_floor"):
                     lines.append(f"the learning rate stays at {event['lr']:.3g}, its floor (1/{1 / MIN_LR_SCALE:g} of the "
@@ -417,10 +423,13 @@ class PCPORewardGuard:
             fields["rollback"] = event
             for ln in lines:
                 log.warning("PCPO %s: %s", session.run_name, ln)
-        gs.save(os.path.join(session.run_dir, GUARD_FILE))
         fields.update(guard_best_iteration=gs.best_iteration, guard_best=gs.best_score, guard_lr_scale=gs.lr_scale,
                       guard_rollbacks=len(gs.rollbacks))
         merge_metrics(session, fields)
+        # one commit: the guard state, the rolled-back LoRA and this iteration's metrics record go into
+        # the run checkpoint together (a new best or a rollback always commits; guard.json follows)
+        keep_guard(state, gs)
+        session.commit_pending(force=verdict.new_best or verdict.tripped)
         report.update(evaluated=True, tripped=verdict.tripped, reasons=verdict.reasons, new_best=verdict.new_best,
                       best_iteration=gs.best_iteration, best=gs.best_score, lr_scale=gs.lr_scale,
                       rollbacks=len(gs.rollbacks), rollback=fields.get("rollback"))

@@ -6,7 +6,8 @@ and waits for the answer with a countdown on the node's progress bar, a timeout,
 the person did not rate (or all groups after a timeout) are completed by a model reward or skipped
 (zero advantage); in mixed mode only ``human_groups`` groups per iteration are shown at all.  Every
 rating is appended to ``output/pcpo/<run>/ratings.jsonl`` with the ids of its images, whose PNGs are
-kept beside it in ``rated/``.
+kept beside it in ``rated/``; once the update that trained on it is committed with the run
+checkpoint, a trained mark naming its request follows (``comfyui_pcpo.ratings.trained_ratings``).
 """
 from __future__ import annotations
 
@@ -166,8 +167,8 @@ class PCPOHumanRating:
                 f"{counts['skipped']} skipped ({status})")
         tracking = {"rated_groups": counts["human"], "groups": len(order), "model_reward_name": model_name,
                     "model_reward": H.rated_model_reward(group_ids, sources, model_values)}
-        return {"ui": {"text": [text]},
-                "result": (Rewards(t, name, trajectory.uid, human=tracking), float(t.mean()))}
+        rewards = Rewards(t, name, trajectory.uid, human=tracking, rating_requests=(req.request_id,))
+        return {"ui": {"text": [text]}, "result": (rewards, float(t.mean()))}
 
     @staticmethod
     def _record(run, it, req, status, calibration, group_ids, ids, prompts, values, sources, pngs, model_values):

@@ -10,6 +10,10 @@ the graph, or Cancel (an interrupt) at any time during the prompt, ends the loop
 queued the way POST /prompt queues one (queue number taken on the server loop, prompt validated
 there) and carries the submitter's whole ``extra_data`` (client id included, so progress goes to the
 client that pressed Queue) and its sensitive part.
+
+What a loop is lives on the server, not in the prompt: ``LOOPS`` (``comfyui_pcpo.lineage``) remembers
+each loop's run, lineage and target iteration when the user's press starts it, and the re-queued
+prompts carry only the loop's id in their marker; a marker with an unknown or forged id is a press.
 """
 from __future__ import annotations
 
@@ -21,8 +25,11 @@ import threading
 import time
 import uuid
 
+from comfyui_pcpo.lineage import LoopRegistry
+
 log = logging.getLogger("comfyui-pcpo")
 LOOP_KEY = "pcpo_loop"
+LOOPS = LoopRegistry()  # the loops this process started (a re-queued prompt carries only the id)
 
 POLL_FIRST_S = 0.05   # first poll of the prompt queue's state; grows by half each time...
 POLL_MAX_S = 0.5      # ...up to this
@@ -36,8 +43,9 @@ _pending: dict[str, dict] = {}  # prompt id -> what to queue once it has finishe
 # --------------------------------------------------------------------------- the loop marker
 
 def loop_marker(extra_pnginfo, run_name: str):
-    """The loop marker of ``run_name`` carried by a re-queued prompt (``run``, ``target`` and whatever
-    keyword items were given to ``requeue``), or None for a prompt the user queued."""
+    """The loop marker of ``run_name`` carried by a prompt (``run`` and whatever keyword items were
+    given to ``requeue``), or None.  It is what the client sent: only an id looked up on the server
+    (``LOOPS``) says that the prompt continues a loop."""
     if not isinstance(extra_pnginfo, dict):
         return None
     info = extra_pnginfo.get(LOOP_KEY)
@@ -51,12 +59,10 @@ def loop_marker(extra_pnginfo, run_name: str):
     return None
 
 
-def loop_target(extra_pnginfo, run_name: str):
-    """The target iteration carried by a re-queued prompt, or None for a prompt the user queued."""
-    marker = loop_marker(extra_pnginfo, run_name)
-    if marker is None:
-        return None
-    return int(marker.get("target", 0))
+def find_loop(extra_pnginfo, run_name: str, lineage):
+    """The server's loop of ``run_name`` (and of its ``lineage``) that this prompt continues, or None:
+    a press (no marker, or one whose id this server did not issue for this run and lineage)."""
+    return LOOPS.lookup(loop_marker(extra_pnginfo, run_name), run_name, lineage)
 
 
 def _marker_info(markers: dict) -> dict:
@@ -134,12 +140,12 @@ def _takes_id() -> bool:
 
 # --------------------------------------------------------------------------- the API
 
-def requeue(prompt: dict, extra_pnginfo, run_name: str, target: int, on_cancel: dict | None = None,
+def requeue(prompt: dict, extra_pnginfo, run_name: str, target=None, on_cancel: dict | None = None,
             **marker) -> bool:
     """Ask for ``prompt`` to be queued again once the current prompt has finished successfully.
 
-    The loop marker ``{"run": run_name, "target": target, **marker}`` travels in the new prompt's
-    ``extra_pnginfo[LOOP_KEY]`` (read it back with ``loop_marker``/``loop_target``).  ``on_cancel``
+    The loop marker ``{"run": run_name, **marker}`` (and ``"target"`` when given) travels in the new
+    prompt's ``extra_pnginfo[LOOP_KEY]`` (read it back with ``loop_marker``).  ``on_cancel``
     (JSON) is sent to the page as a ``pcpo.loop_stopped`` message (``{"run": run_name, **on_cancel}``)
     when a Cancel ends the loop after this prompt's update (the page hears no interrupt of its own
     when the prompt itself finished).  Returns False when there is no running server (a script
@@ -155,7 +161,9 @@ def requeue(prompt: dict, extra_pnginfo, run_name: str, target: int, on_cancel: 
     if not prompt_id:
         log.warning("PCPO: cannot tell which prompt is running; not re-queueing (queue again to continue)")
         return False
-    mark = {**marker, "run": run_name, "target": int(target)}
+    mark = {**marker, "run": run_name}
+    if target is not None:
+        mark["target"] = int(target)
     with _lock:
         entry = _pending.get(prompt_id)
         if entry is not None:  # a second run in the same graph: one re-queue carries both markers

@@ -22,6 +22,8 @@ class Rewards:
     # human ratings (PCPO Human Rating): {"rated_groups", "groups", "model_reward", "model_reward_name"},
     # the model reward being the mean over the rated groups' images (None without a model reward)
     human: dict | None = None
+    # the ids of the rating requests (ratings.jsonl) these rewards come from (PCPO Human Rating)
+    rating_requests: tuple = ()
 
 
 def check_images(images, trajectory) -> None:

@@ -247,6 +247,7 @@ class PCPOTrajectorySampler:
             raise ValueError(f"eta {eta:g} is below {MIN_ETA:g}: at such low noise the policy ratio is ill-conditioned "
                              "(KL and gradient norms grow as 1/eta); use 0.3-1.0")
         session = session.live()
+        session.commit_pending()  # an iteration whose finishing node did not run: commit it before sampling
         started = time.time()
         try:
             with training_flag():  # the numerics of the gradient pass

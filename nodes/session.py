@@ -6,6 +6,12 @@ Sessions live in a bounded registry keyed by run name, so re-queued prompts cont
 with the LoRA and optimizer resident on the load device; least recently used runs are checkpointed
 and leave memory when more than ``PCPO_MAX_LIVE_RUNS`` (default 2) are live, and come back from
 their checkpoint when used again.
+
+Who may continue a run follows ``comfyui_pcpo.lineage``: a press with resume on continues the run of
+its name; with resume off it starts a new run and never overwrites one that exists (refused, naming
+the run and the fixes); the prompts a loop re-queues continue it when their loop id is one this
+server issued for the run's lineage.  Every write of the run state goes through
+:meth:`Session.save_checkpoint`, the run's one commit point (``comfyui_pcpo.commit``).
 """
 from __future__ import annotations
 
@@ -17,16 +23,19 @@ from dataclasses import dataclass
 
 import folder_paths
 
+from comfyui_pcpo import commit as C
 from comfyui_pcpo import distributed
 from comfyui_pcpo import __version__
+from comfyui_pcpo.lineage import refuse_restart
 from comfyui_pcpo.lora import TARGET_PRESETS
+from comfyui_pcpo.metrics import MetricsLog, metrics_path
 from comfyui_pcpo.precision import PRECISIONS, Precision, resolve_precision
-from comfyui_pcpo.run import OPTIMIZERS, CheckpointError, RunRegistry, RunSettings, RunState
+from comfyui_pcpo.run import (OPTIMIZERS, CheckpointError, RunRegistry, RunSettings, RunState, checkpoint_lineage)
 
 from comfyui_pcpo.validate import name_error
 
 from .glue import attach_lora, model_family
-from .loop import loop_marker
+from .loop import LOOPS, find_loop  # noqa: F401  (LOOPS: the headless runner starts its loop there)
 from .validation import check_prompt, verdict
 
 log = logging.getLogger("comfyui-pcpo")
@@ -75,9 +84,13 @@ class Session:
         self.family = model_family(base_model)
         self.options = options or TrainingOptions.resolve(base_model)
         self.owner = None if owner is None else str(owner)  # id of the PCPO LoRA node that made it
-        self.token = uuid.uuid4().hex                       # carried by the prompts its loop queues
+        self.token = uuid.uuid4().hex  # this session object (a trajectory it sampled carries it)
         self.evicted = False
         self.replaced = False
+        # the update committed an iteration in memory and a node after it (Held-out Evaluation or
+        # Reward Guard) writes the checkpoint: {"by": node class, "checkpoint": due}
+        self.pending_commit = None
+        self.memo: dict = {}  # what this process already wrote of the derived logs
         self._build(settings)
 
     def _build(self, settings: RunSettings) -> None:
@@ -116,6 +129,7 @@ class Session:
             settings = RunSettings.from_dict(self._settings_when_evicted)
             self._build(settings)
             self.state.load(self.checkpoint_path)
+            self.repair()
             self.evicted = False
             SESSIONS.put(self.run_name, self, evict=_evict)
             log.info("PCPO: run %s back in memory at iteration %d", self.run_name, self.state.iteration)
@@ -158,17 +172,57 @@ class Session:
             "pcpo_reward_mean_last": f"{st.history[-1]['reward_mean']:.6g}" if st.history else "",
         }
 
+    @property
+    def lineage(self) -> str:
+        return self.live().state.lineage
+
+    def metrics_log(self) -> MetricsLog:
+        """The run's ``metrics.jsonl``, read once per session and then kept in memory (this process is
+        its only writer)."""
+        path = metrics_path(self.run_dir)
+        log_ = getattr(self, "_pcpo_metrics", None)
+        if log_ is None or log_.path != path:
+            log_ = self._pcpo_metrics = MetricsLog(path)
+        return log_
+
     def save_checkpoint(self) -> None:
-        """Write the whole run state as one atomic file (``output/pcpo/<run>/checkpoint.safetensors``);
-        with several processes only rank 0 writes (every rank holds the same state)."""
+        """The run's commit point: write the whole run state -- LoRA, optimizer, generator, and the
+        guard state, metrics records and rated requests of the iteration -- as one atomic file
+        (``output/pcpo/<run>/checkpoint.safetensors``), then the logs derived from it.  The metrics
+        line goes first (a full disk loses no line: it stays with the run).  With several processes
+        only rank 0 writes (every rank holds the same state)."""
         state = self.live().state
+        self.pending_commit = None
         if distributed.is_writer():
+            C.flush_metrics(state, self.metrics_log(), self.run_name)
             state.save(self.checkpoint_path)
+            C.write_derived(state, self.run_dir, self.run_name, self.memo)
         else:
             state.saved_iteration = state.iteration
 
+    def commit_pending(self, by: str | None = None, force: bool = False) -> bool:
+        """Write the checkpoint the update left to ``by`` (the node class finishing the iteration; None:
+        whoever comes first), or with ``force`` in any case; True when written."""
+        p = self.pending_commit
+        if p is not None and by is not None and p["by"] != by:
+            return False
+        if force or (p is not None and p["checkpoint"]):
+            self.save_checkpoint()
+            return True
+        self.pending_commit = None
+        if distributed.is_writer():
+            C.flush_metrics(self.live().state, self.metrics_log(), self.run_name)
+        return False
+
+    def repair(self) -> None:
+        """After loading the checkpoint: the derived logs follow it (see ``comfyui_pcpo.commit``)."""
+        if distributed.is_writer():
+            C.repair(self.state, self.run_dir, self.run_name, self.metrics_log(), self.memo)
+        elif self.state.companions is None:
+            self.state.companions = {}
+
     def save_if_dirty(self) -> bool:
-        if self.state is not None and self.state.dirty:
+        if self.state is not None and (self.state.dirty or self.pending_commit is not None):
             self.save_checkpoint()
             return True
         return False
@@ -180,14 +234,21 @@ def _evict(session: Session) -> None:
     log.info("PCPO: run %s checkpointed and released from memory", session.run_name)
 
 
-def get_session(run_name: str, model, settings: RunSettings, resume: bool, owner=None, marker=None,
+def get_session(run_name: str, model, settings: RunSettings, resume: bool, owner=None, extra_pnginfo=None,
                 options: TrainingOptions | None = None) -> Session:
-    """The live session for ``run_name`` (continued, resumed from disk, or new); see PCPO LoRA."""
+    """The live session for ``run_name`` (continued, resumed from disk, or new); see PCPO LoRA.
+
+    A press (a prompt the user queued) with ``resume`` on continues the run; with ``resume`` off it
+    starts a new run, and one that exists -- a checkpoint on disk, or a live run that has trained --
+    is refused (never overwritten).  A prompt that a loop of this run re-queued continues it either
+    way (its loop id is looked up on the server, never trusted from the prompt)."""
     check_run_name(run_name)
     options = options or TrainingOptions.resolve(model)
     sess = SESSIONS.get(run_name)
     if sess is not None:
-        in_loop = marker is not None and marker.get("token") == sess.token
+        in_loop = find_loop(extra_pnginfo, run_name, sess.lineage) is not None
+        if not (resume or in_loop) and (sess.iteration > 0 or os.path.exists(sess.checkpoint_path)):
+            raise refuse_restart(run_name, sess.run_dir, f"live in this ComfyUI at iteration {sess.iteration}")
         if resume or in_loop:
             sess.live()
             sess.state.check_settings(settings, where=f" (run {run_name!r} is live)")
@@ -198,20 +259,23 @@ def get_session(run_name: str, model, settings: RunSettings, resume: bool, owner
                 sess.rebind(model)
             sess.set_options(options)
             return sess
-        if owner is not None and sess.owner is not None and sess.owner != str(owner):
-            raise ValueError(f"run_name {run_name!r} is already used by another PCPO LoRA node (node {sess.owner}) "
-                             "in this ComfyUI: give each PCPO LoRA node its own run_name, or set resume to true to "
-                             "continue that run")
-        SESSIONS.pop(run_name)
+        SESSIONS.pop(run_name)  # a new run that has not trained yet: nothing on disk is lost
         sess.replaced = True
-        log.info("PCPO: run %s starts over (resume is off)", run_name)
+        log.info("PCPO: run %s starts over (resume is off; it had not trained)", run_name)
     sess = Session(run_name, model, settings, owner=owner, options=options)
-    if resume and os.path.exists(sess.checkpoint_path):
+    if os.path.exists(sess.checkpoint_path):
+        on_disk = checkpoint_lineage(sess.checkpoint_path)
+        in_loop = on_disk is not None and find_loop(extra_pnginfo, run_name, on_disk) is not None
+        if not (resume or in_loop):  # e.g. a ComfyUI restart, a changed input: still never overwritten
+            raise refuse_restart(run_name, sess.run_dir, f"its checkpoint {sess.checkpoint_path}")
         try:
             sess.state.load(sess.checkpoint_path)
+            sess.repair()
         except CheckpointError as e:
             raise ValueError(f"PCPO LoRA: {e}") from e
         log.info("PCPO: resumed run %s at iteration %d", run_name, sess.state.iteration)
+    else:
+        sess.repair()  # a new run: logs left by a run of this name whose checkpoint is gone follow it
     SESSIONS.put(run_name, sess, evict=_evict)
     return sess
 
@@ -261,9 +325,10 @@ class PCPOLoRA:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True, "tooltip":
                              "Seeds the LoRA initialisation and the choice of trained timesteps. Fixed for the life "
                              "of a run."}),
-            "resume": ("BOOLEAN", {"default": True, "tooltip": "Resume from the run folder's checkpoint when one "
-                                   "exists. Off: start the run over (its checkpoint is overwritten at the next "
-                                   "update)."}),
+            "resume": ("BOOLEAN", {"default": True, "tooltip": "On: continue the run of this name (from its "
+                                   "checkpoint after a restart). Off: start a new run; a run that already exists is "
+                                   "never overwritten (refused: use a new run_name, or delete its folder in "
+                                   "output/pcpo to start it over)."}),
         }, "optional": {
             "training_precision": (list(PRECISIONS), {"default": "auto", "tooltip":
                                    "The precision the model computes in while training (LoRA and optimizer always "
@@ -273,6 +338,12 @@ class PCPOLoRA:
                                        "Recompute activations during the backward pass instead of storing them: "
                                        "much less memory, about a third more time. auto: on for SDXL, SD3 and FLUX."}),
         }, "hidden": {"unique_id": "UNIQUE_ID", "extra_pnginfo": "EXTRA_PNGINFO", "prompt": "PROMPT"}}
+
+    @classmethod
+    def IS_CHANGED(cls, resume=None, **kw):
+        # resume off is decided on every prompt (a press refuses an existing run, a loop continues
+        # it), not only when ComfyUI's cache misses; resume on continues the cached session
+        return "" if resume is True else float("nan")
 
     @classmethod
     def VALIDATE_INPUTS(cls, run_name=None, alpha=None, learning_rate=None, weight_decay=None):
@@ -291,8 +362,8 @@ class PCPOLoRA:
                                learning_rate=float(learning_rate), optimizer=optimizer,
                                weight_decay=float(weight_decay), seed=int(seed))
         options = TrainingOptions.resolve(model, training_precision, gradient_checkpointing)
-        sess = get_session(run_name, model, settings, bool(resume), owner=unique_id,
-                           marker=loop_marker(extra_pnginfo, run_name), options=options)
+        sess = get_session(run_name, model, settings, bool(resume), owner=unique_id, extra_pnginfo=extra_pnginfo,
+                           options=options)
         return (sess.model, sess)
 
 

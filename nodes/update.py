@@ -19,7 +19,7 @@ from comfyui_pcpo import distributed
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, candidate_steps
 
 from .glue import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
-from .loop import loop_marker, requeue
+from .loop import LOOPS, find_loop, requeue
 from .validation import verdict
 from .dashboard import record_iteration
 from .heldout import apply_guard_lr, latest_heldout
@@ -76,6 +76,24 @@ def strict_json(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     return value
+
+
+FINISHERS = ("PCPORewardGuard", "PCPOHeldOutEvaluation")  # nodes that add to an iteration after the update
+
+
+def finishing_node(prompt, unique_id):
+    """The class of the node that finishes this update's iteration in ``prompt`` -- a Reward Guard of
+    the same run, else a Held-out Evaluation of it -- or None (the update finishes it).  That node
+    writes the checkpoint, so the guard's decision and the held-out results commit with the update."""
+    if not isinstance(prompt, dict) or unique_id is None:
+        return None
+    me = prompt.get(str(unique_id))
+    link = me.get("inputs", {}).get("session") if isinstance(me, dict) else None
+    if not (isinstance(link, list) and link):
+        return None
+    found = {n.get("class_type") for n in prompt.values() if isinstance(n, dict)
+             and isinstance(n.get("inputs", {}).get("session"), list) and n["inputs"]["session"][:1] == link[:1]}
+    return next((c for c in FINISHERS if c in found), None)
 
 
 def format_stats(it: int, s: dict) -> str:
@@ -166,8 +184,13 @@ class PCPOLoRAUpdate:
         if rewards.trajectory_uid != batch.uid:
             raise ValueError("the rewards were computed for another rollout: wire the Reward Scorer to this "
                              "Trajectory Sampler's output")
-        press = P.press_from(loop_marker(extra_pnginfo, session.run_name), state.iteration,
-                             int(iterations_per_queue), getattr(batch, "started", 0.0) or time.time())
+        # the loop this prompt continues, as the server remembers it (a forged marker is a press)
+        loop = find_loop(extra_pnginfo, session.run_name, session.lineage)
+        if loop is not None:
+            press = P.Press(loop.first, loop.target, loop.started)
+        else:
+            press = P.new_press(state.iteration, int(iterations_per_queue),
+                                getattr(batch, "started", 0.0) or time.time())
         target = press.target
 
         cfg = PCPOConfig(objective=objective, clip_range=clip_range, adv_clip=advantage_clip,
@@ -231,10 +254,20 @@ class PCPOLoRAUpdate:
         stalled = gradient_stalled(stats)
         state.stalled_iterations = state.stalled_iterations + 1 if stalled else 0
         state.commit(summary, int(updates_per_rollout), rewards.name, objective)
-        if state.iteration % int(checkpoint_every) == 0 or state.iteration >= target:
+        if state.companions is None:
+            state.companions = {}
+        rated = getattr(rewards, "rating_requests", None)
+        if rated:  # the rating requests this iteration trains on, committed with it
+            state.companions["ratings"] = {"iteration": state.iteration, "request_ids": sorted(rated)}
+        else:
+            state.companions.pop("ratings", None)
+        record_iteration(session, stats)  # this iteration's metrics record (and its metrics.jsonl line)
+        due = state.iteration % int(checkpoint_every) == 0 or state.iteration >= target
+        finisher = finishing_node(prompt, unique_id)
+        if finisher is not None:  # the guard / held-out evaluation commits the iteration with its results
+            session.pending_commit = {"by": finisher, "checkpoint": due}
+        elif due:
             session.save_checkpoint()
-        if distributed.is_writer():
-            record_iteration(session, stats)  # metrics.jsonl line of this iteration (dashboard)
         if state.stalled_iterations >= STALL_LIMIT:
             session.save_checkpoint()
             raise RuntimeError(
@@ -253,10 +286,16 @@ class PCPOLoRAUpdate:
         where = P.progress(press, state.iteration, time.time())
         shown_progress = P.as_ui(where)
         if state.iteration < target:
-            if not requeue(prompt, extra_pnginfo, session.run_name, target, token=session.token,
-                           on_cancel={"node": str(unique_id), "text": shown_progress["cancel_text"]},
-                           **P.marker_items(press)):
+            started = loop is None
+            if started:  # a press: the server remembers its loop (run, lineage, target, progress)
+                loop = LOOPS.start(session.run_name, session.lineage, target, press.first, press.started)
+            if not requeue(prompt, extra_pnginfo, session.run_name, loop=loop.id,
+                           on_cancel={"node": str(unique_id), "text": shown_progress["cancel_text"]}):
+                if started:
+                    LOOPS.end(loop)
                 log.info("PCPO: no server queue to loop on; run the next iteration by queueing again")
+        else:
+            LOOPS.end(loop)
         stats_json = json.dumps(strict_json({**stats, "iteration": state.iteration, "target_iteration": target,
                                              "optimizer_steps": state.optimizer_steps, "warnings": warnings}),
                                 allow_nan=False)

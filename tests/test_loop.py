@@ -301,7 +301,8 @@ def test_one_post_runs_three_iterations_with_the_submitters_extra_data(server):
         if i == 0:
             assert marker is None
         else:
-            assert marker["run"] == run and marker["target"] == 3, marker
+            # the re-queued prompt carries only the loop's id: its target stays on the server
+            assert marker["run"] == run and isinstance(marker.get("loop"), str) and "target" not in marker, marker
             uuid.UUID(pid)  # a canonical UUID, as newer servers require of client ids
             assert str(uuid.UUID(pid)) == pid
             assert number > entries[i - 1]["prompt"][0]
@@ -310,7 +311,7 @@ def test_one_post_runs_three_iterations_with_the_submitters_extra_data(server):
     assert [c["call"] for c in calls] == [1, 2, 3]
     assert [c["prompt_id"] for c in calls] == [h["prompt"][1] for h in entries]
     assert all(c["api_key"] == API_KEY for c in calls), "the submitter's sensitive extra_data is kept"
-    assert [c["marker"] and c["marker"]["target"] for c in calls] == [None, 3, 3]
+    assert [c["marker"] and sorted(c["marker"]) for c in calls] == [None, ["loop", "run"], ["loop", "run"]]
 
     # (b) each re-queue is made after the previous prompt ran to its end: its Export wrote the LoRA and
     # the probe after the Export (which sleeps 0.5 s) finished before the next prompt was queued
@@ -382,9 +383,62 @@ def test_no_server_means_no_requeue_and_markers_round_trip(comfy, pcpo):
     loop = pcpo.mod("nodes.loop")
     assert loop.requeue({"1": {"class_type": "X", "inputs": {}}}, {}, "r", 3, note="x") is False
     info = {"workflow": {}, loop.LOOP_KEY: {"run": "r", "target": 5, "started_at": 2}}
-    assert loop.loop_target(info, "r") == 5 and loop.loop_target(info, "other") is None
     assert loop.loop_marker(info, "r") == {"run": "r", "target": 5, "started_at": 2}
-    assert loop.loop_marker(None, "r") is None and loop.loop_target({}, "r") is None
-    two = {loop.LOOP_KEY: loop._marker_info({"a": {"run": "a", "target": 2}, "b": {"run": "b", "target": 7}})}
-    assert loop.loop_target(two, "a") == 2 and loop.loop_target(two, "b") == 7
-    assert loop.loop_marker(two, "a") == {"run": "a", "target": 2}
+    assert loop.loop_marker(info, "other") is None and loop.loop_marker(None, "r") is None
+    # a marker is what the client sent: without an id the server issued, no loop (the prompt is a press)
+    assert loop.find_loop(info, "r", "lin") is None
+    own = loop.LOOPS.start("a", "lin", 2)
+    two = {loop.LOOP_KEY: loop._marker_info({"a": {"run": "a", "loop": own.id}, "b": {"run": "b", "target": 7}})}
+    assert loop.loop_marker(two, "a") == {"run": "a", "loop": own.id}
+    assert loop.find_loop(two, "a", "lin") is own and loop.find_loop(two, "b", "lin") is None
+    assert loop.find_loop(two, "a", "another lineage") is None
+    loop.LOOPS.end(own)
+
+
+# --------------------------------------------------------------------------- who may continue a run
+
+def test_a_forged_loop_marker_is_a_press(server):
+    """A client that sends its own ``pcpo_loop`` marker (a target, a made-up loop id) gets a press of
+    iterations_per_queue like any other: the loop's target lives on the server."""
+    run = f"forged_{uuid.uuid4().hex[:8]}"
+    prompt, _ = _prompt(server, run, 2)
+    _post(server, prompt, {"extra_pnginfo": {"workflow": {"from": "the test"},
+                                             "pcpo_loop": {"run": run, "target": 1, "loop": "0" * 32}}})
+    entries = _wait_idle(server, run, 2, timeout=120)
+    assert len(entries) == 2 and all(_status(h)[0] == "success" for h in entries)
+    assert _ckpt_iteration(server, run) == 2
+    # and a forged target far ahead does not extend the press either
+    _post(server, prompt, {"extra_pnginfo": {"workflow": {"from": "the test"},
+                                             "pcpo_loop": {"run": run, "target": 50}}})
+    entries = _wait_idle(server, run, 4, timeout=120)
+    assert len(entries) == 4 and _ckpt_iteration(server, run) == 4
+
+
+def test_a_second_clients_copy_with_resume_off_cannot_restart_a_live_run(server):
+    """Client A presses Run for 3 iterations; while its loop runs, client B queues its own copy of the
+    same workflow (same node ids) with resume off.  B's prompt is refused naming the run; A's loop
+    goes on and its run reaches iteration 3 with every iteration kept."""
+    run = f"shared_{uuid.uuid4().hex[:8]}"
+    prompt, _ = _prompt(server, run, 3, sleep_s=1.0)
+    _post(server, prompt)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ckpt = server.base / "output" / "pcpo" / run / "checkpoint.safetensors"
+        if ckpt.exists():
+            break
+        time.sleep(0.1)
+    copy_b = json.loads(json.dumps(prompt))
+    copy_b[_node_id(copy_b, "PCPOLoRA")]["inputs"]["resume"] = False
+    res = server.post("/prompt", {"prompt": copy_b, "client_id": "another-client",
+                                  "extra_data": {"extra_pnginfo": {"workflow": {"from": "client B"}}}})
+    assert not res.get("node_errors"), res
+    entries = _wait_idle(server, run, 4, timeout=180)
+    b = [h for h in entries if h["prompt"][1] == res["prompt_id"]]
+    a = [h for h in entries if h["prompt"][1] != res["prompt_id"]]
+    assert len(b) == 1 and _status(b[0])[0] == "error"
+    err = " ".join(str(m.get("exception_message", "")) for m in _messages(b[0], "execution_error"))
+    assert f"run {run!r} already exists" in err and "resume is off" in err, err
+    assert len(a) == 3 and all(_status(h)[0] == "success" for h in a)
+    assert _ckpt_iteration(server, run) == 3
+    update_id = _node_id(prompt, "PCPOLoRAUpdate")
+    assert [h["outputs"][update_id]["text"][0].split(":")[0] for h in a] == ["iter 1", "iter 2", "iter 3"]

@@ -21,22 +21,17 @@ from comfyui_pcpo import progress as P
 from comfyui_pcpo import ratings as H
 
 
-def test_a_press_starts_at_the_users_prompt_and_travels_in_the_marker():
-    press = P.press_from(None, 10, 3, started=1000.0)
+def test_a_press_starts_at_the_users_prompt_and_the_server_keeps_it_for_its_loop():
+    from comfyui_pcpo.lineage import LoopRegistry
+    press = P.new_press(10, 3, started=1000.0)
     assert press == P.Press(first=10, target=13, started=1000.0) and press.total == 3
-    marker = {"run": "r", "target": 13, "token": "t", **P.marker_items(press)}
-    json.dumps(marker, allow_nan=False)  # the marker travels as JSON in extra_pnginfo
-    # the re-queued prompt (run now at 11, the widget changed meanwhile: the marker wins)
-    again = P.press_from(marker, 11, 99, started=2000.0)
-    assert again == press
-    # a marker of an older pack (no press items): the press began iterations_per_queue before its target
-    old = P.press_from({"run": "r", "target": 13}, 11, 3, started=2000.0)
-    assert (old.first, old.target, old.started) == (10, 13, 2000.0)
-    # nonsense press items are not trusted
-    bad = P.press_from({"run": "r", "target": 13, P.PRESS_FIRST: 12.5, P.PRESS_STARTED: float("nan")}, 11, 3, 5.0)
-    assert (bad.first, bad.started) == (10, 5.0)
-    bad = P.press_from({"run": "r", "target": 13, P.PRESS_FIRST: 50, P.PRESS_STARTED: True}, 11, 3, 5.0)
-    assert (bad.first, bad.started) == (10, 5.0)
+    # the re-queued prompts find the press on the server (a loop id is all they carry)
+    loops = LoopRegistry()
+    loop = loops.start("r", "lineage", press.target, press.first, press.started)
+    found = loops.lookup({"run": "r", "loop": loop.id}, "r", "lineage")
+    assert P.Press(found.first, found.target, found.started) == press
+    # what a client sends never sets the press: a forged id is no loop (the prompt is a new press)
+    assert loops.lookup({"run": "r", "loop": "0" * 32, "target": 99}, "r", "lineage") is None
 
 
 def test_progress_eta_and_texts_of_a_fresh_run():

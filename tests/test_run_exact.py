@@ -217,21 +217,48 @@ def test_resume_applies_or_refuses_every_setting(pcpo, tiny, comfy_dirs):
     assert all(g["lr"] == 2e-4 for g in resumed.optimizer.param_groups)
 
 
-def test_second_node_with_the_same_run_name_is_refused(pcpo, tiny, comfy_dirs):
+def test_resume_off_never_overwrites_a_run_and_only_the_servers_loop_continues_it(pcpo, tiny, comfy_dirs):
+    """resume off has one meaning, whatever ComfyUI's cache holds: a run that exists (live, or on disk
+    after a restart) is refused naming the run and the fixes, for any node (every copy of a workflow
+    shares node ids); only a loop id the server issued for the run's lineage continues it, and a
+    forged or stale marker is a press."""
+    import shutil
+    loop = pcpo.mod("nodes.loop")
+    sessions = pcpo.mod("nodes.session")
     tm = inference_model(tiny)
     first = create(pcpo, tm, "shared_name", unique_id="5")
     iterate(pcpo, tm, first, n=1)
-    with pytest.raises(ValueError, match="another PCPO LoRA node"):
-        create(pcpo, tm, "shared_name", unique_id="9")
-    assert pcpo.mod("nodes.session").SESSIONS.get("shared_name") is first and first.iteration == 1
-    # the prompts of the run's own loop continue it even with resume off ...
-    marker = {"pcpo_loop": {"run": "shared_name", "target": 3, "token": first.token}}
-    assert create(pcpo, tm, "shared_name", unique_id="5", extra_pnginfo=marker) is first
-    # ... and the same node queued again by the user with resume off starts over
+    ckpt = pathlib.Path(first.checkpoint_path)
+    before = ckpt.read_bytes()
+    forged = {"pcpo_loop": {"run": "shared_name", "target": 50, "loop": "0" * 32, "token": first.token}}
+    for uid, info in (("9", None), ("5", None), ("5", forged)):
+        with pytest.raises(ValueError, match="already exists") as e:
+            create(pcpo, tm, "shared_name", unique_id=uid, extra_pnginfo=info)
+        msg = str(e.value)
+        assert "'shared_name'" in msg and "resume on" in msg and "new run_name" in msg and "delete" in msg
+    assert sessions.SESSIONS.get("shared_name") is first and first.iteration == 1 and ckpt.read_bytes() == before
+    # the run's own loop (an id the server remembers for this lineage) continues it with resume off ...
+    own = loop.LOOPS.start("shared_name", first.lineage, 3)
+    assert create(pcpo, tm, "shared_name", unique_id="5",
+                  extra_pnginfo={"pcpo_loop": {"run": "shared_name", "loop": own.id}}) is first
+    # ... a loop of another lineage of the name does not
+    other = loop.LOOPS.start("shared_name", "f" * 32, 3)
+    with pytest.raises(ValueError, match="already exists"):
+        create(pcpo, tm, "shared_name", extra_pnginfo={"pcpo_loop": {"run": "shared_name", "loop": other.id}})
+    # after a restart (a cache miss) resume off still refuses: the checkpoint is on disk
+    _restart(pcpo, "shared_name")
+    with pytest.raises(ValueError, match="already exists") as e:
+        create(pcpo, tm, "shared_name", unique_id="5")
+    assert str(ckpt) in str(e.value) and ckpt.read_bytes() == before
+    # the loop continues the evicted/restarted run from disk, in its lineage
+    resumed = create(pcpo, tm, "shared_name", extra_pnginfo={"pcpo_loop": {"run": "shared_name", "loop": own.id}})
+    assert resumed.iteration == 1 and resumed.lineage == first.lineage
+    # resume on continues it; deleting the folder is how a run is started over
+    assert create(pcpo, tm, "shared_name", resume=True) is resumed
+    _restart(pcpo, "shared_name")
+    shutil.rmtree(ckpt.parent)
     again = create(pcpo, tm, "shared_name", unique_id="5")
-    assert again is not first and again.iteration == 0
-    with pytest.raises(RuntimeError, match="started over"):
-        first.live()
+    assert again.iteration == 0 and again.lineage != first.lineage
 
 
 def test_unusable_checkpoints_give_clear_errors(pcpo, tiny, comfy_dirs):
@@ -255,7 +282,10 @@ def test_unusable_checkpoints_give_clear_errors(pcpo, tiny, comfy_dirs):
     with pytest.raises(ValueError, match="NaN") as e:
         create(pcpo, tm, name, resume=True)
     assert path in str(e.value)
-    assert create(pcpo, tm, name, resume=False).iteration == 0  # resume off starts over
+    with pytest.raises(ValueError, match="already exists"):  # resume off never overwrites it
+        create(pcpo, tm, name, resume=False)
+    os.remove(path)
+    assert create(pcpo, tm, name, resume=False).iteration == 0  # with the checkpoint gone it starts over
 
 
 def test_low_eta_is_bounded_and_warned(pcpo, tiny, comfy_dirs):
@@ -343,7 +373,9 @@ def test_switching_between_runs_keeps_memory_flat(pcpo, tiny, comfy_dirs):
 
 def _child(base, iterations, *extra, expect_kill=False):
     cmd = [sys.executable, str(CHILD), "--base", str(base), "--iterations", str(iterations), *extra]
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    # one hash seed: ComfyUI orders independent output nodes (Export, Held-out, Guard) by hashing, so
+    # the order of an iteration's writes is the same in every process of a kill chain
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if expect_kill:
         assert p.returncode == -9, (p.returncode, p.stdout[-2000:], p.stderr[-4000:])
@@ -390,3 +422,128 @@ def test_kill_at_any_point_and_resume_is_bit_identical(tmp_path):
     left = [str(p) for p in run.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".tmp")]
     assert left == []
     assert sorted(p.name for p in loras.iterdir()) == ["child_run.safetensors"]
+
+
+def _compare_dumps(ref_path, run_path, ratings=False):
+    a, amd = _dump(ref_path)
+    b, bmd = _dump(run_path)
+    assert set(a) == set(b) and any(k.startswith("optimizer.") for k in a) and "generator" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for key in ("iteration", "optimizer_steps", "history", "metrics_jsonl", "lr"):
+        assert amd[key] == bmd[key], key
+    ga, gb = json.loads(amd["guard_json"]), json.loads(bmd["guard_json"])
+    if ga is not None:
+        assert ga == gb and json.loads(bmd["guard_companion"]) == gb  # lr_scale, best, rollback log
+    if ratings:
+        assert amd["trained_ratings"] == bmd["trained_ratings"]
+    return amd, bmd
+
+
+def _writes_of(stdout: str, iteration: int) -> list:
+    """The file writes of iteration ``iteration`` as a child logged them (``--kill-at write``)."""
+    for ln in stdout.splitlines():
+        head, _, rest = ln.partition(": ")
+        if head.startswith(f"iteration {iteration} ") and " writes " in head:
+            return rest.split("; ") if rest else []
+    raise AssertionError(f"no write log of iteration {iteration} in {stdout[-2000:]}")
+
+
+def _kill_chain(tmp_path, flag, R, final):
+    """The run of ``flag`` killed just before each write of iteration R up to and including its
+    checkpoint, one process after the other on one run folder (each resumes from what the kill
+    left), and once more just after the checkpoint, then resumed to ``final``; and, for each further
+    write after the commit, a copy of the folder as the first kill left it, killed before that write
+    and resumed.  The writes are those of the uninterrupted run's iteration R, in its order.  Every
+    resumed run equals the uninterrupted one.  Returns (the writes, the kill lines, the dumps)."""
+    import shutil
+    ref = _child(tmp_path / "ref", final, flag, "--kill-at", "write", "--kill-iteration", "0",
+                 "--dump", str(tmp_path / "ref.safetensors"))
+    writes = _writes_of(ref.stdout, R)
+    commit = writes.index("replace checkpoint.safetensors") + 1  # the commit point: write number `commit`
+    run = tmp_path / "run"
+    ckpt = run / "output" / "pcpo" / "child_run" / "checkpoint.safetensors"
+    killed = []
+    for n in range(1, commit + 2):
+        p = _child(run, final, flag, "--kill-at", "write", "--kill-iteration", str(R), "--kill-write", str(n),
+                   expect_kill=True)
+        killed.append(p.stdout.strip().splitlines()[-1])
+        if n == 1:
+            shutil.copytree(run, tmp_path / "after_first_kill", symlinks=True)
+        # the checkpoint is at R-1 until its own rename (write `commit`) has happened
+        assert _dump(ckpt)[1]["iteration"] == str(R - 1 if n <= commit else R), (n, killed)
+    _child(run, final, flag, "--dump", str(tmp_path / "run.safetensors"))
+    out = [_compare_dumps(tmp_path / "ref.safetensors", tmp_path / "run.safetensors", ratings="--human" == flag)]
+    for n in range(commit + 2, len(writes) + 1):
+        fresh = tmp_path / f"fresh_{n}"
+        shutil.copytree(tmp_path / "after_first_kill", fresh, symlinks=True)
+        p = _child(fresh, final, flag, "--kill-at", "write", "--kill-iteration", str(R), "--kill-write", str(n),
+                   expect_kill=True)
+        killed.append(p.stdout.strip().splitlines()[-1])
+        _child(fresh, final, flag, "--dump", str(tmp_path / f"fresh_{n}.safetensors"))
+        out.append(_compare_dumps(tmp_path / "ref.safetensors", tmp_path / f"fresh_{n}.safetensors",
+                                  ratings="--human" == flag))
+    # every write of the iteration was killed once, in the uninterrupted run's order
+    assert [k.split(": ", 1)[1] for k in killed] == writes, (writes, killed)
+    return writes, killed, out
+
+
+def test_kill_at_every_write_of_a_guarded_run_resumes_bit_identically(tmp_path):
+    """A guarded run (held-out every iteration, margin 0, lower_lr: it rolls back to iteration 2 and
+    halves the learning rate at iterations 3 and 4) killed with SIGKILL just before each of the file
+    writes of iteration 3 -- the metrics lines (update, held-out, guard), the held-out preview, the
+    checkpoint with the guard's decision, guard.json, the export -- resumes bit-identically: LoRA,
+    optimizer state, generator, export, optimizer learning rate, lr_scale 0.25 and the rollback log
+    (guard.json and the checkpoint's copy), and every metrics.jsonl line."""
+    writes, killed, out = _kill_chain(tmp_path, "--guard", R=3, final=4)
+    assert sorted(writes) == sorted(["metrics line 3"] * 3 + [
+        "replace pcpo_heldout_child_run.png", "replace checkpoint.safetensors", "replace guard.json",
+        "replace child_run.safetensors"])
+    # the guard's decision commits with the checkpoint: guard.json (derived) only after it
+    assert writes.index("replace guard.json") > writes.index("replace checkpoint.safetensors")
+    amd, _ = out[0]
+    guard = json.loads(amd["guard_json"])
+    assert guard["lr_scale"] == 0.25 and [r["iteration"] for r in guard["rollbacks"]] == [3, 4]
+    assert json.loads(amd["lr"]) == [pytest.approx(1e-2 * 0.25)]
+
+
+def test_kill_at_every_write_of_a_human_rated_run_resumes_bit_identically(tmp_path):
+    """A run rated through the rating registry (every group, best-worst) killed before each write of
+    iteration 2 -- the rating record, the metrics line, the checkpoint, the trained mark, the export --
+    resumes bit-identically, and ratings.jsonl says which record each iteration trained on: the
+    iteration rated again after each kill leaves several records, exactly one of them marked."""
+    writes, killed, out = _kill_chain(tmp_path, "--human", R=2, final=3)
+    assert sorted(writes) == sorted(["ratings line ratings.jsonl", "metrics line 2", "replace checkpoint.safetensors",
+                                     "ratings line ratings.jsonl", "replace child_run.safetensors"])
+    assert writes[0] == "ratings line ratings.jsonl"  # the rating is recorded before anything trains on it
+    amd, bmd = out[0]
+    trained = json.loads(bmd["trained_ratings"])
+    assert sorted(trained) == ["1", "2", "3"] and all(len(v) == 1 for v in trained.values())
+    # iteration 2 was rated again by every killed process that got past its rating line and did not
+    # commit (kills 2..commit), each leaving a record no mark names; the committed one is marked
+    commit = writes.index("replace checkpoint.safetensors") + 1
+    assert int(amd["rating_records"]) == 3 and int(bmd["rating_records"]) == 3 + (commit - 1)
+
+
+def test_a_checkpoint_the_disk_cannot_take_loses_no_metrics_line_and_names_the_file(tmp_path):
+    """Iteration 2 of a real executor run on a disk that takes log lines but not the checkpoint (a
+    file-size limit: the write fails with an OS error inside safetensors): the prompt fails with an
+    error naming checkpoint.safetensors and saying the run is kept in memory; the checkpoint on disk
+    stays at iteration 1, metrics.jsonl already holds line 2; the next prompt (space freed) continues
+    from memory, and the run ends bit-identical to an uninterrupted one, with every metrics line."""
+    _child(tmp_path / "ref", 3, "--dump", str(tmp_path / "ref.safetensors"))
+    run = tmp_path / "run"
+    p = _child(run, 3, "--full-disk-iteration", "2", "--dump", str(tmp_path / "run.safetensors"))
+    failed = [ln for ln in p.stdout.splitlines() if ln.startswith("prompt failed")]
+    assert len(failed) == 1, p.stdout[-2000:]
+    ckpt = run / "output" / "pcpo" / "child_run" / "checkpoint.safetensors"
+    assert f"could not write the run checkpoint {ckpt}" in failed[0] and "kept in memory at iteration 2" in failed[0]
+    a, amd = _dump(tmp_path / "ref.safetensors")
+    b, bmd = _dump(tmp_path / "run.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert amd["metrics_jsonl"] == bmd["metrics_jsonl"]
+    assert [json.loads(ln)["iteration"] for ln in bmd["metrics_jsonl"].splitlines()] == [1, 2, 3]
+    left = [str(p) for p in run.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".tmp")]
+    assert left == []
