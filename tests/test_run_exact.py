@@ -489,11 +489,11 @@ def _kill_chain(tmp_path, flag, R, final):
 
 
 def test_kill_at_every_write_of_a_guarded_run_resumes_bit_identically(tmp_path):
-    """A guarded run (held-out every iteration, margin 0, lower_lr: it rolls back to iteration 2 and
-    halves the learning rate at iterations 3 and 4) killed with SIGKILL just before each of the file
+    """A guarded run (held-out every iteration, margin 0, lower_lr: it rolls back to iteration 1 and
+    halves the learning rate at iterations 2, 3 and 4) killed with SIGKILL just before each of the file
     writes of iteration 3 -- the metrics lines (update, held-out, guard), the held-out preview, the
     checkpoint with the guard's decision, guard.json, the export -- resumes bit-identically: LoRA,
-    optimizer state, generator, export, optimizer learning rate, lr_scale 0.25 and the rollback log
+    optimizer state, generator, export, optimizer learning rate, lr_scale 0.125 and the rollback log
     (guard.json and the checkpoint's copy), and every metrics.jsonl line."""
     writes, killed, out = _kill_chain(tmp_path, "--guard", R=3, final=4)
     assert sorted(writes) == sorted(["metrics line 3"] * 3 + [
@@ -503,8 +503,8 @@ def test_kill_at_every_write_of_a_guarded_run_resumes_bit_identically(tmp_path):
     assert writes.index("replace guard.json") > writes.index("replace checkpoint.safetensors")
     amd, _ = out[0]
     guard = json.loads(amd["guard_json"])
-    assert guard["lr_scale"] == 0.25 and [r["iteration"] for r in guard["rollbacks"]] == [3, 4]
-    assert json.loads(amd["lr"]) == [pytest.approx(1e-2 * 0.25)]
+    assert guard["lr_scale"] == 0.125 and [r["iteration"] for r in guard["rollbacks"]] == [2, 3, 4]
+    assert json.loads(amd["lr"]) == [pytest.approx(1e-2 * 0.125)]
 
 
 def test_kill_at_every_write_of_a_human_rated_run_resumes_bit_identically(tmp_path):
