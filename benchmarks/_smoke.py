@@ -3,9 +3,7 @@ JSON written only where the caller says (never over the measured results kept in
 a non-zero exit when a number that must be finite is not."""
 from __future__ import annotations
 
-import json
 import math
-import os
 import pathlib
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent
@@ -14,10 +12,11 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent
 def save_atomic(path, data) -> None:
     """Write ``data`` as JSON to ``path`` through a temp file and ``os.replace``: a killed run leaves
     the previous file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    import sys
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    from comfyui_pcpo.atomic import atomic_write_json
+    atomic_write_json(str(path), data)
 
 
 def json_path(path: str, flag: str = "--json") -> str:

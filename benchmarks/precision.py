@@ -389,9 +389,7 @@ def main(argv=None) -> int:
 
     def save():
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump(res, f)
-            os.replace(args.json + ".tmp", args.json)
+            _smoke.save_atomic(args.json, res)
 
     host = Host(threads=1)
     for grid in args.grids.split(","):

@@ -25,7 +25,8 @@ from typing import Optional
 
 from . import ratings as H
 from .guard import GUARD_FILE, GuardState, guard_of, keep_guard
-from .metrics import MetricsLog, _clean, repair_metrics
+from .atomic import strict_json
+from .metrics import MetricsLog, repair_metrics
 from .run import RunState
 
 log = logging.getLogger("comfyui-pcpo")
@@ -35,7 +36,7 @@ RATINGS_FILE = "ratings.jsonl"
 def note_metrics(state: RunState, record: dict) -> dict:
     """Make ``record`` (one iteration's metrics) part of what the next checkpoint commits; records of
     earlier iterations not yet written stay, later ones (an iteration undone) go."""
-    rec = _clean(dict(record))
+    rec = strict_json(dict(record))
     it = int(rec["iteration"])
     if state.companions is None:
         state.companions = {}

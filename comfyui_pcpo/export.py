@@ -34,7 +34,7 @@ from typing import Mapping, Optional
 import torch
 
 from .lora import LoRAWeightDelta, kohya_name
-from .trajectory import atomic_save_safetensors
+from .atomic import atomic_save_safetensors
 from .validate import name_error
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from . import distributed
+from .atomic import atomic_write_json
 from .distributed import is_writer
 from .run import CheckpointError, RunState, read_checkpoint, write_checkpoint
 
@@ -93,13 +94,7 @@ class GuardState:
     def save(self, path: str) -> None:
         if not is_writer():  # several processes: rank 0 writes, every rank holds the same state
             return
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "GuardState":

@@ -21,27 +21,14 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .atomic import atomic_write_text, dumps, strict_json
+
 METRICS_FILE = "metrics.jsonl"
 RUNNING_MEAN_WINDOW = 10
 
 
 def metrics_path(run_dir: str) -> str:
     return os.path.join(run_dir, METRICS_FILE)
-
-
-def _clean(v):
-    """JSON-safe value (non-finite floats become null: the file stays strict JSON)."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, (int, str, bool)) or v is None:
-        return v
-    if hasattr(v, "item"):
-        return _clean(v.item())
-    return str(v)
 
 
 def read_metrics(path: str, up_to: Optional[int] = None) -> list:
@@ -63,13 +50,7 @@ def read_metrics(path: str, up_to: Optional[int] = None) -> list:
 
 
 def _rewrite(path: str, records: Iterable[dict]) -> None:
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in records))
 
 
 def write_metrics(path: str, iteration: int, fields: dict, merge: bool = False) -> dict:
@@ -127,9 +108,9 @@ class MetricsLog:
     def write(self, iteration: int, fields: dict, merge: bool = False) -> dict:
         records = self._load()
         iteration = int(iteration)
-        rec = _clean({**(records.get(iteration, {}) if merge else {}), **fields, "iteration": iteration})
+        rec = strict_json({**(records.get(iteration, {}) if merge else {}), **fields, "iteration": iteration})
         later = [it for it in records if it >= iteration]
-        line = (json.dumps(rec, allow_nan=False) + "\n").encode("utf-8")
+        line = (dumps(rec) + "\n").encode("utf-8")
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         if not later and os.path.exists(self.path):
             with open(self.path, "rb+") as f:  # append (after a newline if a write was cut)
@@ -210,7 +191,7 @@ def iteration_record(stats: dict, history: list, extra: Optional[dict] = None) -
     rec["zero_std_fraction"] = (float(stats["zero_std_groups"]) / max(int(stats.get("groups", 1)), 1)
                                 if "zero_std_groups" in stats else None)
     rec.update(extra or {})
-    return _clean(rec)
+    return strict_json(rec)
 
 
 # ------------------------------------------------------------------------------ series for plots

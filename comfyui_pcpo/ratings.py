@@ -30,6 +30,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .atomic import dumps
+
 MODES = ("best-worst", "score")
 CALIBRATIONS = ("rank", "none")
 SCORE_MIN, SCORE_MAX = 1, 5
@@ -320,7 +322,7 @@ def signal_text(history: list, heldout: dict | None = None, running_of: int = 10
 def append_jsonl(path: str, record: dict) -> None:
     """Append one JSON line (strict JSON) and flush it to disk."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    line = json.dumps(record, allow_nan=False, sort_keys=True)
+    line = dumps(record, sort_keys=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()

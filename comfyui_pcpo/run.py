@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import torch
 
 from .lora import LoRAWeightDelta, TARGET_PRESETS
-from .trajectory import atomic_save_safetensors
+from .atomic import atomic_save_safetensors, dumps
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 FIXED_SETTINGS = ("rank", "alpha", "target_layers", "optimizer", "seed")
@@ -421,7 +421,7 @@ class RunState:
             "last_objective": self.last_objective or "", "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "grad_scaler": json.dumps(self.grad_scaler.state_dict()) if self.grad_scaler is not None else "",
             "stalled_iterations": str(self.stalled_iterations), "lineage": self.lineage,
-            **{f"companion_{k}": json.dumps(v, allow_nan=False, sort_keys=True)
+            **{f"companion_{k}": dumps(v, sort_keys=True)
                for k, v in (self.companions or {}).items() if k in COMPANIONS and v is not None},
         }
 

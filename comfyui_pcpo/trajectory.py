@@ -16,13 +16,12 @@ Tensors are stored in ``storage_dtype`` (float32 default) on any device; ``to()`
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from .atomic import atomic_save_safetensors
 from .plan import StepPlan
 
 _TENSORS = ("latents", "eps_old", "pred_old", "group_ids", "prompt_index")
@@ -99,52 +98,3 @@ class Trajectory:
             t = {k: f.get_tensor(k) for k in _TENSORS}
         return cls(**t, plan=StepPlan.from_dict(json.loads(md["plan"])),
                    prompts=json.loads(md["prompts"]), meta=json.loads(md["meta"]))
-
-
-TEMP_SUFFIX = ".partial"
-
-
-def atomic_save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
-    """Write a safetensors file via a temp file in the same folder + fsync + os.replace: a crash at
-    any moment leaves the previous file or the new one, never a half-written one.
-
-    The temp file is ``.<name>.<random>.partial`` (hidden, and no model extension, so ComfyUI never
-    lists it as a model); temp files of earlier writes of the same ``path`` that a killed process
-    left behind are removed after a successful write."""
-    from safetensors.torch import save_file
-    folder = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=TEMP_SUFFIX, dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp creates 0600 files; give the file the usual umask-derived mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    remove_stale_temp_files(path)
-
-
-def remove_stale_temp_files(path: str) -> list:
-    """Remove ``.<name>.*.partial`` files beside ``path`` (left by a writer that was killed)."""
-    folder, base = os.path.split(os.path.abspath(path))
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for n in names:
-        if n.startswith(f".{base}.") and n.endswith(TEMP_SUFFIX):
-            try:
-                os.remove(os.path.join(folder, n))
-                removed.append(n)
-            except OSError:
-                pass
-    return removed

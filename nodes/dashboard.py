@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ import torch
 import folder_paths
 
 from comfyui_pcpo import distributed
+from comfyui_pcpo.atomic import atomic_write
 from comfyui_pcpo.commit import current_metrics, flush_metrics, note_metrics
 from comfyui_pcpo.metrics import (MetricsLog, TensorBoardSink, iteration_record, matplotlib_available, metrics_path,
                                   read_metrics, render_dashboard)
@@ -82,10 +82,8 @@ def preview(arr: np.ndarray, prefix: str) -> dict:
     from PIL import Image
     folder = folder_paths.get_temp_directory()
     os.makedirs(folder, exist_ok=True)
-    name = f"{prefix}.png"
-    tmp = os.path.join(folder, f".{prefix}_{uuid.uuid4().hex[:10]}.png.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, os.path.join(folder, name))  # a reader never sees a half-written file
+    name = f"{prefix}.png"  # written atomically: a reader never sees a half-written file
+    atomic_write(os.path.join(folder, name), lambda tmp: Image.fromarray(arr).save(tmp, format="PNG", compress_level=1))
     return {"filename": name, "subfolder": "", "type": "temp"}
 
 
@@ -137,9 +135,8 @@ class PCPODashboard:
         os.makedirs(session.run_dir, exist_ok=True)
         from PIL import Image
         if distributed.is_writer():  # several processes: rank 0 writes the file
-            tmp = os.path.join(session.run_dir, ".dashboard.png.tmp")
-            Image.fromarray(arr).save(tmp, format="PNG")
-            os.replace(tmp, os.path.join(session.run_dir, "dashboard.png"))
+            atomic_write(os.path.join(session.run_dir, "dashboard.png"),
+                         lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
         return {"ui": {"images": [preview(arr, f"pcpo_dashboard_{session.run_name}")]},
                 "result": (to_image_tensor(arr), path)}
 

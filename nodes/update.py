@@ -1,7 +1,6 @@
 """PCPO LoRA Update: one PCPO (or baseline) update of the live LoRA from a scored rollout."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -16,6 +15,7 @@ from comfyui_pcpo import ratings as H
 from comfyui_pcpo.objectives import OBJECTIVES
 from comfyui_pcpo.plan import prediction_from_denoised
 from comfyui_pcpo import distributed
+from comfyui_pcpo.atomic import dumps
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, candidate_steps
 
 from .glue import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
@@ -62,20 +62,6 @@ def update_warnings(eta: float, stats: dict) -> list:
     if gradient_stalled(stats):
         out.append("no usable gradient this iteration although rewards differ within groups")
     return out
-
-
-def strict_json(value):
-    """``value`` with every NaN/inf float (also inside lists and dicts) as None, and tensors as numbers,
-    so ``json.dumps(..., allow_nan=False)`` writes strict JSON (NaN -> null)."""
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return strict_json(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return value
 
 
 FINISHERS = ("PCPORewardGuard", "PCPOHeldOutEvaluation")  # nodes that add to an iteration after the update
@@ -296,9 +282,8 @@ class PCPOLoRAUpdate:
                 log.info("PCPO: no server queue to loop on; run the next iteration by queueing again")
         else:
             LOOPS.end(loop)
-        stats_json = json.dumps(strict_json({**stats, "iteration": state.iteration, "target_iteration": target,
-                                             "optimizer_steps": state.optimizer_steps, "warnings": warnings}),
-                                allow_nan=False)
+        stats_json = dumps({**stats, "iteration": state.iteration, "target_iteration": target,
+                            "optimizer_steps": state.optimizer_steps, "warnings": warnings})
         recent = [h["reward_mean"] for h in state.history[-RUNNING_MEAN_OF:]]
         shown = {"iteration": state.iteration, "target_iteration": target, "reward_mean": stats["reward_mean"],
                  "running_mean": sum(recent) / len(recent), "running_count": len(recent),

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     if not H.load_pack(TESTS_DIR / "tiny_pack"):
         raise SystemExit("the tiny stand-in pack did not load")
     pack_session = pack.mod("nodes.session")
-    trajectory_mod = sys.modules["comfyui_pcpo.trajectory"]
+    trajectory_mod = sys.modules["comfyui_pcpo.atomic"]
     arm(a.kill_at, a.kill_iteration, pack_session, trajectory_mod)
     if a.kill_at == "write":
         arm_writes(a.kill_iteration, a.kill_write, pack_session)

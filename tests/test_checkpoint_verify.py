@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from comfyui_pcpo.run import (CHECKSUM_KEY, MAX_LORA_WEIGHT, CheckpointError, read_checkpoint,
                               write_checkpoint)
-from comfyui_pcpo.trajectory import atomic_save_safetensors
+from comfyui_pcpo.atomic import atomic_save_safetensors
 from test_run_state import full_state, make_state, train_steps
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent

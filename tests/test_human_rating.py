@@ -363,8 +363,6 @@ def test_node_times_out_into_the_model_reward_in_mixed_mode(comfy, tiny, pcpo, c
 def test_stats_are_strict_json_and_the_default_export_name_follows_the_run(comfy, tiny, pcpo, comfy_dirs):
     update = pcpo.mod("nodes.update")
     export = pcpo.mod("nodes.export")
-    assert update.strict_json({"a": float("nan"), "b": [1.0, float("inf"), None], "c": {"d": -float("inf")}}) == \
-        {"a": None, "b": [1.0, None, None], "c": {"d": None}}
     run = "strict_stats"
     _, traj, images, session = _rollout(comfy, tiny, pcpo, comfy_dirs, run)
     scorer = pcpo.mod("nodes.reward").PCPORewardScorer()

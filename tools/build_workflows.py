@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import sys
 import tempfile
@@ -916,10 +915,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         stale.append(rel)
         if not a.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            sys.path.insert(0, str(REPO_ROOT))
+            from comfyui_pcpo.atomic import atomic_write_text
+            atomic_write_text(str(path), text)
     if a.check:
         for rel in stale:
             print(f"stale: {rel}", file=sys.stderr)
