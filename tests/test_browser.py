@@ -726,8 +726,13 @@ def test_human_rating_panel_rates_and_the_update_uses_exactly_those_rewards(page
 
     # the update ran with exactly these rewards: +1 best, -1 worst, 0 others, per group
     expect = {g0["group"]: (g0["images"][2], g0["images"][0]), g1["group"]: (g1["images"][1], g1["images"][3])}
-    records = [json.loads(x) for x in (page.base / "output" / "pcpo" / run / "ratings.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (page.base / "output" / "pcpo" / run / "ratings.jsonl").read_text().splitlines()]
+    records = [r for r in lines if not r.get("trained")]
+    marks = [r for r in lines if r.get("trained")]
     assert len(records) == 1 and records[0]["request_id"] == rid and records[0]["status"] == "rated"
+    # ...and the iteration that trained on them is marked once, after its checkpoint
+    assert len(marks) == 1 and marks[0]["request_ids"] == [rid] and marks[0]["iteration"] == 1
+    assert lines.index(marks[0]) > lines.index(records[0])
     values = []
     for grp in records[0]["groups"]:
         best, worst = expect[grp["group"]]

@@ -5,8 +5,8 @@ workflow ``workflows/api/demo_tiny_pcpo.json`` executed by a real ComfyUI (in th
     python tools/run_demo.py --iterations 25 --threads 2 --out outputs/demo
 
 Every iteration is one execution of the workflow (Trajectory Sampler -> VAE Decode -> Reward
-Scorer -> PCPO LoRA Update -> Export LoRA), exactly what the LoRA Update node's re-queue does in the
-ComfyUI app.  Afterwards the exported LoRA is loaded back through ComfyUI's normal LoRA loader and
+Scorer -> PCPO LoRA Update -> Export LoRA), what the LoRA Update node's re-queue does in the
+ComfyUI app (here each execution is a press of the iterations left, so the run's target stays put).  Afterwards the exported LoRA is loaded back through ComfyUI's normal LoRA loader and
 the base and aligned models are compared on all 90 captions with the same noise.  Outputs (printed
 at the end): the LoRA, a before/after image grid, a reward-curve plot and summary.json.
 """
@@ -188,12 +188,12 @@ def main(argv=None) -> int:
     print(f"training: {args.iterations} iterations x {prompt[prompts_node]['inputs']['prompts_per_iteration']} prompts x "
           f"{prompt[samp_node]['inputs']['group_size']} samples, objective {inp['objective']}", flush=True)
     t_train = time.time()
-    # as when the app loops: one queued prompt, then re-queued copies carrying the run's target
-    inp["iterations_per_queue"] = args.iterations
-    loop = {"extra_pnginfo": {"pcpo_loop": {"run": run_name, "target": args.iterations}}}
+    # With no server queue to re-queue on, each execution is a press of the remaining iterations: the
+    # run's target stays --iterations (checkpoints fall where the app's loop puts them).
     for it in range(args.iterations):
         t0 = time.time()
-        execute(executor, prompt, {} if it == 0 else loop)
+        inp["iterations_per_queue"] = args.iterations - it
+        execute(executor, prompt, {})
         h = session_mod.SESSIONS[run_name].history[-1]
         print(f"iter {h['iteration']:3d}/{args.iterations}  reward {h['reward_mean']:.3f} ± {h['reward_std']:.3f}  "
               f"clip fraction {h['clip_fraction']:.3f}  kl {h['approx_kl']:.1e}  ({time.time() - t0:.1f} s)", flush=True)
