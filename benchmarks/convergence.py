@@ -137,7 +137,7 @@ def spread_table(host, steps: int, eta: float):
     (scheduler, min, max, max/min, w_bar, note); the choice is the largest max/min among the usable."""
     import comfy.samplers
     import torch
-    from comfyui_pcpo.plan import diffusion_plan
+    from comfyui_pcpo.step_plan import diffusion_plan
     ms = host.model.get_model_object("model_sampling")
     rows = []
     for name in comfy.samplers.SCHEDULER_NAMES:
@@ -176,7 +176,7 @@ def trained_steps_per_sample(host, scheduler, steps, eta, train_fraction):
     """{variant: (kept steps per sample, candidate steps)} -- the LoRA Update's rule
     (candidate = stochastic steps without the last; keep = round(fraction * candidates), >= 1)."""
     import comfy.samplers
-    from comfyui_pcpo.plan import diffusion_plan
+    from comfyui_pcpo.step_plan import diffusion_plan
     ms = host.model.get_model_object("model_sampling")
     sig = comfy.samplers.calculate_sigmas(ms, scheduler, steps).double().cpu()
     out = {}

@@ -100,7 +100,7 @@ def make_host(threads: int = 1):
 def weight_table(host, steps, scheduler):
     """Per rule: the flow grid's native and PCPO (zeta dt) weights of every step."""
     import comfy.samplers
-    from comfyui_pcpo.plan import flow_plan
+    from comfyui_pcpo.step_plan import flow_plan
     ms = host.model.get_model_object("model_sampling")
     ts = comfy.samplers.calculate_sigmas(ms, scheduler, steps).double().cpu()
     out = {}

@@ -66,20 +66,20 @@ def one(family: str, mode: str, checkpointing: str, threads: int, tiny: bool = F
         sess = N["PCPOLoRA"]().create(model, f"mem_{family}", 16, 16.0, "attention", 1e-4, "AdamW", 0.0, 0, False,
                                       training_precision="bf16", gradient_checkpointing=checkpointing)[1]
     import sys as _s
-    glue = [m for k, m in _s.modules.items() if k.endswith("comfyui-pcpo.nodes.glue")][0]
+    hooks = [m for k, m in _s.modules.items() if k.endswith("comfyui-pcpo.nodes.model_hooks")][0]
     latent = (4, size, size)
     weights = sum(p.numel() * p.element_size() for p in sess.model.model.parameters())
-    glue.load_for_training(sess.model, latent, 1)
+    hooks.load_for_training(sess.model, latent, 1)
     if mode == "bare":
         def run():
             def fn(predict):
                 x = torch.randn(1, *latent)
                 s = torch.full((1,), 5.0)
                 predict(x, s).float().mean().backward()
-            with glue.training_mode():
-                glue.run_in_guider(sess.model, pos, neg, 4.0, (1, *latent), torch.tensor([14.6, 5.0, 0.0]), fn)
+            with hooks.training_mode():
+                hooks.run_in_guider(sess.model, pos, neg, 4.0, (1, *latent), torch.tensor([14.6, 5.0, 0.0]), fn)
     else:
-        from comfyui_pcpo.plan import diffusion_plan
+        from comfyui_pcpo.step_plan import diffusion_plan
         from comfyui_pcpo.rollout import make_trajectory
         sig = torch.tensor([14.6146, 5.0, 0.0292], dtype=torch.float64)
         plan = diffusion_plan(sig, eta=1.0, variant="uw-sigma")

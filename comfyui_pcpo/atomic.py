@@ -4,9 +4,10 @@ Every file the pack replaces (run checkpoints, exports, trajectories, ``guard.js
 ``metrics.jsonl``, previews, the dashboard, benchmark results) goes through :func:`atomic_write`: the
 content goes to a hidden temp file in the same folder, is flushed to the disk, and is renamed over
 the target with ``os.replace`` -- a crash at any moment leaves the previous file or the new one,
-never half of one.  The temp file is ``.<name>.<random>.partial`` (hidden, and no model or image
-extension, so ComfyUI never lists it); temp files of the same target that a killed writer left are
-removed after the next successful write.
+never half of one.  The temp file is ``.<name>.<pid>.<random>.partial`` (hidden, and no model or image
+extension, so ComfyUI never lists it), ``<pid>`` being the writing process: temp files of the same
+target that a killed writer left (its process is gone) are removed after the next successful write,
+while a temp file another live process is writing (e.g. a second rank writing the same preview) stays.
 
 Every JSON record the pack writes goes through :func:`strict_json` (NaN and inf become ``null``;
 tensors and numpy values become numbers) and :func:`dumps` (``allow_nan=False``), so every reader
@@ -35,7 +36,7 @@ def atomic_write(path: str, fill: Callable[[str], None]) -> None:
     over ``path``.  On any error the temp file is removed and the previous ``path`` stays."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=folder)
     os.close(fd)
     try:
         fill(tmp)
@@ -67,8 +68,25 @@ def atomic_save_safetensors(tensors: dict, path: str, metadata: Optional[dict] =
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _writer_pid(name: str, base: str) -> Optional[int]:
+    """The writing process of temp file ``name`` of target ``base`` (None: a name without one)."""
+    head = name[len(base) + 2:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def remove_stale_temp_files(path: str) -> list:
-    """Remove ``.<name>.*.partial`` files beside ``path`` (left by a writer that was killed)."""
+    """Remove the ``.<name>.*.partial`` files beside ``path`` whose writer is gone (a killed writer, or
+    a name without a process id); those of a live process are being written and stay."""
     folder, base = os.path.split(os.path.abspath(path))
     removed = []
     try:
@@ -76,12 +94,16 @@ def remove_stale_temp_files(path: str) -> list:
     except OSError:
         return removed
     for n in names:
-        if n.startswith(f".{base}.") and n.endswith(TEMP_SUFFIX):
-            try:
-                os.remove(os.path.join(folder, n))
-                removed.append(n)
-            except OSError:
-                pass
+        if not (n.startswith(f".{base}.") and n.endswith(TEMP_SUFFIX)):
+            continue
+        pid = _writer_pid(n, base)
+        if pid is not None and _alive(pid):
+            continue
+        try:
+            os.remove(os.path.join(folder, n))
+            removed.append(n)
+        except OSError:
+            pass
     return removed
 
 

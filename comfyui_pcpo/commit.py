@@ -27,7 +27,7 @@ from . import ratings as H
 from .guard import GUARD_FILE, GuardState, guard_of, keep_guard
 from .atomic import strict_json
 from .metrics import MetricsLog, repair_metrics
-from .run import RunState
+from .run_state import RunState
 
 log = logging.getLogger("comfyui-pcpo")
 RATINGS_FILE = "ratings.jsonl"

@@ -46,7 +46,7 @@ from typing import Optional
 from . import distributed
 from .atomic import atomic_write_json
 from .distributed import is_writer
-from .run import CheckpointError, RunState, read_checkpoint, write_checkpoint
+from .run_state import CheckpointError, RunState, read_checkpoint, write_checkpoint
 
 ACTIONS = ("stop", "lower_lr", "continue")
 BEST_FILE = "best.safetensors"

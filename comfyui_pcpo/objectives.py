@@ -3,7 +3,7 @@
 Every objective takes an :class:`ObjectiveInputs` of P (sample, step) pairs and returns
 ``(loss, metrics)``.  The log-ratio of a pair is computed ANALYTICALLY from the prediction change
 D = pred_new - pred_old (same x_t, timestep and conditioning, guidance-combined), the rollout noise
-eps_old and the step's weight w (see weights.py):
+eps_old and the step's weight w (see credit_weights.py):
 
     M = -log rho = w mean(D eps_old) + 0.5 mean((w D)^2)          (means over latent elements)
 
@@ -24,7 +24,7 @@ difference form subtracts two O(1) log-densities to get a log-ratio of the order
 16-bit mean mu = a x_t - c pred keeps the change c D only to its last bit (benchmarks/precision.py
 measures both).  This form needs the latent-unit record of the step (``x_t``, ``x_prev``,
 ``mean_x`` = a, ``mean_pred`` = c, ``std`` = s in :class:`ObjectiveInputs`; see
-:func:`comfyui_pcpo.plan.mean_coefficients`).  ``pcpo`` is analytic only (its proportionate weight
+:func:`comfyui_pcpo.step_plan.mean_coefficients`).  ``pcpo`` is analytic only (its proportionate weight
 is not the kernel's).
 
 * ``pcpo``: log-hinge  max(0, xi |A| + A M_pcpo)  with PCPO's proportionate weight w_loss.
@@ -41,7 +41,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .kernels import gaussian_log_prob
+from .transition_kernels import gaussian_log_prob
 
 LOG_RATIO_FORMS = ("analytic", "difference")
 

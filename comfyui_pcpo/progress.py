@@ -1,7 +1,7 @@
 """How far a press of Run has got, in words for the PCPO LoRA Update node (no ComfyUI imports).
 
 One press of Run (Queue) runs ``iterations_per_queue`` iterations: the Update node re-queues the
-workflow until the run reaches the press's target iteration (``nodes/loop.py``).  ComfyUI's queue
+workflow until the run reaches the press's target iteration (``nodes/requeue.py``).  ComfyUI's queue
 indicator sees one job per iteration, so the node itself says where the press stands: "iteration k
 of N done", the time per iteration and the time left, and, after Cancel, at which iteration the
 press stopped and that Run continues the run from there.

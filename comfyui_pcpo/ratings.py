@@ -30,7 +30,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .atomic import dumps
 
 MODES = ("best-worst", "score")
 CALIBRATIONS = ("rank", "none")
@@ -320,9 +319,10 @@ def signal_text(history: list, heldout: dict | None = None, running_of: int = 10
 
 
 def append_jsonl(path: str, record: dict) -> None:
-    """Append one JSON line (strict JSON) and flush it to disk."""
+    """Append one JSON line and flush it to disk.  A record with a NaN or infinite number is refused
+    (ValueError): a rating is never written as something else than what was given."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    line = dumps(record, sort_keys=True)
+    line = json.dumps(record, sort_keys=True, allow_nan=False)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()

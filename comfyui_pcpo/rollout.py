@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .plan import StepPlan, step_mean
+from .step_plan import StepPlan, step_mean
 from .trajectory import Trajectory
 
 PredictFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (b,*L), sigma (b,)) -> pred

@@ -17,7 +17,7 @@ import torch
 
 from .advantages import group_advantages
 from .objectives import LOG_RATIO_FORMS, ObjectiveInputs, get_objective
-from .plan import mean_coefficients, no_trainable_step_error
+from .step_plan import mean_coefficients, no_trainable_step_error
 from .trajectory import Trajectory
 
 Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

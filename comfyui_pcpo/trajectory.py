@@ -8,7 +8,7 @@ Layout (B samples, S steps, latent shape L = (C, H, W) or (C, T, H, W)):
                             the LoRA model's eps_theta under uw-lambda)
     group_ids (B,) int64    samples of one group share a prompt and an initial noise
     prompt_index (B,) int64 index into ``prompts``
-    plan      StepPlan      sigmas / t grid, stds and weights (see plan.py)
+    plan      StepPlan      sigmas / t grid, stds and weights (see step_plan.py)
 
 Tensors are stored in ``storage_dtype`` (float32 default) on any device; ``to()`` moves them.
 ``save`` / ``load`` use safetensors (atomic write) with the non-tensor fields as JSON metadata.
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .atomic import atomic_save_safetensors
-from .plan import StepPlan
+from .step_plan import StepPlan
 
 _TENSORS = ("latents", "eps_old", "pred_old", "group_ids", "prompt_index")
 

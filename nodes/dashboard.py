@@ -17,8 +17,8 @@ import folder_paths
 from comfyui_pcpo import distributed
 from comfyui_pcpo.atomic import atomic_write
 from comfyui_pcpo.commit import current_metrics, flush_metrics, note_metrics
-from comfyui_pcpo.metrics import (MetricsLog, TensorBoardSink, iteration_record, matplotlib_available, metrics_path,
-                                  read_metrics, render_dashboard)
+from comfyui_pcpo.dashboard import matplotlib_available, render_dashboard
+from comfyui_pcpo.metrics import MetricsLog, TensorBoardSink, iteration_record, metrics_path, read_metrics
 
 log = logging.getLogger("comfyui-pcpo")
 

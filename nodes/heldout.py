@@ -28,12 +28,12 @@ from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, MIN_LR_SCALE, Gu
                                 scaled_lr)
 from comfyui_pcpo.rewards.base import RewardMix
 from comfyui_pcpo.rollout import KLToReference, rollout
-from comfyui_pcpo.run import CheckpointError, heldout_seed
+from comfyui_pcpo.run_state import CheckpointError, heldout_seed
 
 from .dashboard import merge_metrics, preview, to_image_tensor
 from .export import filename_error
 from .validation import verdict
-from .glue import run_in_guider
+from .model_hooks import run_in_guider
 from .prompts import encode_text, read_prompt_lines
 from .reward_models import run_reward
 from .sampler import latent_shape_for, make_plan, policy_and_base, step_progress
@@ -299,7 +299,7 @@ def apply_guard_lr(session) -> None:
 
 def cancel_requeue(run_name: str) -> bool:
     """Drop the pending re-queue of ``run_name`` (the loop stops after the current prompt)."""
-    from . import loop
+    from . import requeue as loop
     dropped = False
     with loop._lock:
         for pid in list(loop._pending):

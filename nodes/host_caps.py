@@ -3,7 +3,7 @@ it (never by version number), with the pack's fallback where it cannot.
 
 FLUX's RoPE.  From early 2026 ``comfy.ldm.flux.math.apply_rope`` calls comfy-kitchen's ``apply_rope``
 op, which has no autograd formula; later releases route it back to torch while
-``comfy.model_management.in_training`` is set (:func:`nodes.glue.training_flag` sets it), releases in
+``comfy.model_management.in_training`` is set (:func:`nodes.model_hooks.training_flag` sets it), releases in
 between offer no switch at all (comfy-kitchen's backend registry only picks which kernel runs the
 op, and none of them has a backward).  So :func:`differentiable_flux_rope` probes the host's
 function on a tiny tensor and, only where backward fails, swaps the module attributes that FLUX's

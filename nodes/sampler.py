@@ -16,15 +16,15 @@ import comfy.samplers
 import comfy.utils
 
 from comfyui_pcpo import distributed
-from comfyui_pcpo.plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, check_training_schedule, diffusion_plan,
+from comfyui_pcpo.step_plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, check_training_schedule, diffusion_plan,
                                 flow_plan, prediction_from_denoised)
 from comfyui_pcpo.rollout import make_trajectory, rollout
-from comfyui_pcpo.run import rollout_generator, step_noise_seed
+from comfyui_pcpo.run_state import rollout_generator, step_noise_seed
 from comfyui_pcpo.trajectory import Trajectory
 from comfyui_pcpo.validate import memory_error, memory_estimate
 
 from .validation import check_prompt, verdict
-from .glue import ModelFamily, interrupted, lora_multiplier, run_in_guider, training_flag
+from .model_hooks import ModelFamily, interrupted, lora_multiplier, run_in_guider, training_flag
 
 
 MIN_ETA = 0.1  # lower noise levels make the policy ratio (and KL, gradient norms) blow up as 1/eta

@@ -1,6 +1,6 @@
 """PCPO LoRA: a training session (trainable MODEL + the run's state + run folder).
 
-The run's state and checkpoint format live in the core (``comfyui_pcpo.run``); a session adds what
+The run's state and checkpoint format live in the core (``comfyui_pcpo.run_state``); a session adds what
 needs ComfyUI: the trainable clone of the MODEL and the run folder inside ComfyUI's output folder.
 Sessions live in a bounded registry keyed by run name, so re-queued prompts continue the same run
 with the LoRA and optimizer resident on the load device; least recently used runs are checkpointed
@@ -30,12 +30,12 @@ from comfyui_pcpo.lineage import refuse_restart
 from comfyui_pcpo.lora import TARGET_PRESETS
 from comfyui_pcpo.metrics import MetricsLog, metrics_path
 from comfyui_pcpo.precision import PRECISIONS, Precision, resolve_precision
-from comfyui_pcpo.run import (OPTIMIZERS, CheckpointError, RunRegistry, RunSettings, RunState, checkpoint_lineage)
+from comfyui_pcpo.run_state import (OPTIMIZERS, CheckpointError, RunRegistry, RunSettings, RunState, checkpoint_lineage)
 
 from comfyui_pcpo.validate import name_error
 
-from .glue import attach_lora, model_family
-from .loop import LOOPS, find_loop  # noqa: F401  (LOOPS: the headless runner starts its loop there)
+from .model_hooks import attach_lora, model_family
+from .requeue import LOOPS, find_loop  # noqa: F401  (LOOPS: the headless runner starts its loop there)
 from .validation import check_prompt, verdict
 
 log = logging.getLogger("comfyui-pcpo")

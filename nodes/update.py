@@ -13,13 +13,13 @@ import comfy.utils
 from comfyui_pcpo import progress as P
 from comfyui_pcpo import ratings as H
 from comfyui_pcpo.objectives import OBJECTIVES
-from comfyui_pcpo.plan import prediction_from_denoised
+from comfyui_pcpo.step_plan import prediction_from_denoised
 from comfyui_pcpo import distributed
 from comfyui_pcpo.atomic import dumps
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, candidate_steps
 
-from .glue import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
-from .loop import LOOPS, find_loop, requeue
+from .model_hooks import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
+from .requeue import LOOPS, find_loop, requeue
 from .validation import verdict
 from .dashboard import record_iteration
 from .heldout import apply_guard_lr, latest_heldout

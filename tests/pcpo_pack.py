@@ -14,7 +14,7 @@ def load(harness) -> SimpleNamespace:
     """Load the pack once via ``nodes.load_custom_node`` from a folder named like a user's clone
     (``comfyui_host.load_pack_folder``).  Returns a namespace: ``ok`` (the loader's verdict),
     ``nodes`` (our NODE_CLASS_MAPPINGS entries), ``mod(name)`` (a submodule of the loaded pack,
-    e.g. "nodes.glue"), ``path`` (the pack folder) and ``display`` (NODE_DISPLAY_NAME_MAPPINGS)."""
+    e.g. "nodes.model_hooks"), ``path`` (the pack folder) and ``display`` (NODE_DISPLAY_NAME_MAPPINGS)."""
     if "ns" in _STATE:
         return _STATE["ns"]
     harness.load_comfy()

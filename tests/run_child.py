@@ -155,10 +155,10 @@ def start_rater() -> None:
     threading.Thread(target=rate, daemon=True).start()
 
 
-def arm(kill_at: str, kill_iteration: int, pack_session, trajectory_mod) -> None:
+def arm(kill_at: str, kill_iteration: int, pack_session, atomic_mod) -> None:
     """Install the kill point (instance- or module-scoped, in this child process only)."""
     if kill_at in ("checkpoint", "export"):
-        real_os = trajectory_mod.os
+        real_os = atomic_mod.os
 
         def replace(src, dst):
             is_export = dst.endswith(".safetensors") and os.sep + "loras" + os.sep in dst
@@ -168,8 +168,8 @@ def arm(kill_at: str, kill_iteration: int, pack_session, trajectory_mod) -> None
             if it == kill_iteration and ((kill_at == "export" and is_export) or (kill_at == "checkpoint" and is_ckpt)):
                 _kill()
             return real_os.replace(src, dst)
-        trajectory_mod.os = types.SimpleNamespace(**{k: getattr(real_os, k) for k in dir(real_os) if not k.startswith("__")})
-        trajectory_mod.os.replace = replace
+        atomic_mod.os = types.SimpleNamespace(**{k: getattr(real_os, k) for k in dir(real_os) if not k.startswith("__")})
+        atomic_mod.os.replace = replace
 
 
 def arm_update(kill_iteration: int, pack_session) -> None:
@@ -241,8 +241,8 @@ def main(argv=None) -> int:
     if not H.load_pack(TESTS_DIR / "tiny_pack"):
         raise SystemExit("the tiny stand-in pack did not load")
     pack_session = pack.mod("nodes.session")
-    trajectory_mod = sys.modules["comfyui_pcpo.atomic"]
-    arm(a.kill_at, a.kill_iteration, pack_session, trajectory_mod)
+    atomic_mod = sys.modules["comfyui_pcpo.atomic"]
+    arm(a.kill_at, a.kill_iteration, pack_session, atomic_mod)
     if a.kill_at == "write":
         arm_writes(a.kill_iteration, a.kill_write, pack_session)
     if a.human:
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         if sess is not None and sess.state is not None and sess.state.iteration >= a.iterations:
             break
         if sess is None or sess.state is None:
-            import comfyui_pcpo.runner as runner
+            import comfyui_pcpo.run as runner
             WRITES["prompt_start"] = runner.checkpoint_iteration(str(ckpt)) or 0
         else:
             WRITES["prompt_start"] = sess.state.iteration

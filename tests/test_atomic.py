@@ -28,14 +28,25 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path
     assert os.listdir(tmp_path) == ["guard.json"]
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
 def test_temp_files_a_killed_writer_left_are_removed_by_the_next_write_and_only_those(tmp_path):
     path = tmp_path / "checkpoint.safetensors"
-    stale = tmp_path / f".checkpoint.safetensors.abc123{TEMP_SUFFIX}"
-    other = tmp_path / f".export.safetensors.abc123{TEMP_SUFFIX}"
-    stale.write_bytes(b"x")
-    other.write_bytes(b"x")
+    dead = _dead_pid()
+    stale = tmp_path / f".checkpoint.safetensors.{dead}.abc123{TEMP_SUFFIX}"
+    old_format = tmp_path / f".checkpoint.safetensors.abc123{TEMP_SUFFIX}"
+    live = tmp_path / f".checkpoint.safetensors.{os.getppid()}.abc123{TEMP_SUFFIX}"  # another live writer's
+    other = tmp_path / f".export.safetensors.{dead}.abc123{TEMP_SUFFIX}"
+    for f in (stale, old_format, live, other):
+        f.write_bytes(b"x")
     atomic_save_safetensors({"w": torch.ones(2)}, str(path), {"k": "v"})
-    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.safetensors", other.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.safetensors", live.name, other.name])
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"k": "v"} and torch.equal(f.get_tensor("w"), torch.ones(2))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_pcpo.run import (CHECKSUM_KEY, MAX_LORA_WEIGHT, CheckpointError, read_checkpoint,
+from comfyui_pcpo.run_state import (CHECKSUM_KEY, MAX_LORA_WEIGHT, CheckpointError, read_checkpoint,
                               write_checkpoint)
 from comfyui_pcpo.atomic import atomic_save_safetensors
 from test_run_state import full_state, make_state, train_steps
@@ -238,7 +238,7 @@ def test_a_checkpoint_without_checksums_loads_and_says_so(tmp_path, caplog):
 
 
 def test_runner_reads_no_negative_iteration(tmp_path):
-    from comfyui_pcpo.runner import checkpoint_iteration
+    from comfyui_pcpo.run import checkpoint_iteration
     state = make_state()
     train_steps(state, 2)
     path = str(tmp_path / "checkpoint.safetensors")

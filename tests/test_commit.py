@@ -15,7 +15,7 @@ from comfyui_pcpo.guard import GUARD_FILE, GuardState, guard_of, keep_guard
 from comfyui_pcpo.lineage import LoopRegistry, RunExists, refuse_restart
 from comfyui_pcpo.lora import LoRAWeightDelta
 from comfyui_pcpo.metrics import MetricsLog
-from comfyui_pcpo.run import CheckpointError, RunSettings, RunState, checkpoint_lineage
+from comfyui_pcpo.run_state import CheckpointError, RunSettings, RunState, checkpoint_lineage
 
 torch.set_num_threads(1)
 

@@ -16,5 +16,5 @@ def test_core_imports_no_comfyui_diffusers_or_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for mod in ("kernels", "weights", "objectives", "trainer", "export", "rewards.colour", "demo.model"):
+    for mod in ("transition_kernels", "credit_weights", "step_plan", "run_state", "dashboard", "objectives", "trainer", "export", "rewards.colour", "demo.model"):
         assert f"comfyui_pcpo.{mod}" in proc.stdout

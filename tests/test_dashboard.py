@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_pcpo.metrics import (clip_heatmap, iteration_record, matplotlib_available, metrics_path, read_metrics,
-                                  render_dashboard, running_mean, series, tensorboard_available, truncate_metrics,
-                                  write_metrics)
+from comfyui_pcpo.dashboard import clip_heatmap, matplotlib_available, render_dashboard, series
+from comfyui_pcpo.metrics import (iteration_record, metrics_path, read_metrics, running_mean, tensorboard_available,
+                                  truncate_metrics, write_metrics)
 
 
 def _records(n):
@@ -222,7 +222,7 @@ def test_training_does_not_reread_metrics_and_keeps_one_preview_file(pcpo, tiny,
     import sys
     from test_run_exact import create, inference_model, iterate
     dash = pcpo.mod("nodes.dashboard")
-    reads = _count_metrics_reads(monkeypatch, sys.modules[dash.render_dashboard.__module__])
+    reads = _count_metrics_reads(monkeypatch, sys.modules[dash.read_metrics.__module__])
     tm = inference_model(tiny)
     sess = create(pcpo, tm, "no_reread")
     shown = []

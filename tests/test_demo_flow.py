@@ -28,7 +28,7 @@ def test_flow_model_loads_as_sd3_shaped_flow_model_with_shift_3(pcpo):
     assert isinstance(model.model, comfy.model_base.SD3)
     ms = model.get_model_object("model_sampling")
     assert isinstance(ms, comfy.model_sampling.ModelSamplingDiscreteFlow) and float(ms.shift) == 3.0
-    fam = pcpo.mod("nodes.glue").model_family(model)
+    fam = pcpo.mod("nodes.model_hooks").model_family(model)
     assert (fam.kind, fam.prediction) == ("flow", "flow")
     # ComfyUI's denoised output is the training convention x - t v(x, 1000 t), with the demo text encoder
     cond = clip.encode_from_tokens(clip.tokenize("a red circle on a blue background"))

@@ -25,7 +25,7 @@ import time
 import pytest
 import torch
 
-from test_runner import (REPO_ROOT, RUN_TIMEOUT_S, checkpoint, node_of, run_runner, runner_args, runner_env,
+from test_run_command import (REPO_ROOT, RUN_TIMEOUT_S, checkpoint, node_of, run_runner, runner_args, runner_env,
                          tiny_sd15, write_json)
 
 COLLECTIVE_TIMEOUT_S = 60
@@ -185,7 +185,7 @@ import torch
 from safetensors.torch import save_file
 from comfyui_pcpo import distributed as D
 from comfyui_pcpo.guard import GuardConfig, GuardState, accept_best, decide, lower_lr, rollback, save_best
-from comfyui_pcpo.run import RunSettings, RunState, new_adapters
+from comfyui_pcpo.run_state import RunSettings, RunState, new_adapters
 
 torch.set_num_threads(1)
 rank, world = D.init_from_env(timeout_s=60, backend="gloo")

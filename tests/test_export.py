@@ -33,13 +33,13 @@ DTYPE_TOL = (("fp32", 1e-5), ("fp16", 5e-3), ("bf16", 4e-2))
 
 @pytest.fixture(scope="module")
 def pack(comfy):
-    """nodes/glue.py and nodes/export.py as submodules of a synthetic package (its __init__ is
+    """nodes/model_hooks.py and nodes/export.py as submodules of a synthetic package (its __init__ is
     not run, so other node modules cannot interfere)."""
     if PKG not in sys.modules:
         pkg = types.ModuleType(PKG)
         pkg.__path__ = [str(REPO / "nodes")]
         sys.modules[PKG] = pkg
-    return types.SimpleNamespace(glue=importlib.import_module(f"{PKG}.glue"),
+    return types.SimpleNamespace(hooks=importlib.import_module(f"{PKG}.model_hooks"),
                                  export=importlib.import_module(f"{PKG}.export"))
 
 
@@ -70,11 +70,11 @@ def _randomize_up(adapters, seed=3, std=0.05):
             ad.up.copy_(torch.randn(ad.up.shape, generator=g) * std)
 
 
-def _predict(glue, model, tm, x, sigma):
+def _predict(hooks, model, tm, x, sigma):
     """ComfyUI's denoised prediction at (x, sigma): conds processed and the model loaded exactly
     as sampling does (load_models_gpu inside the guider, so weight wrappers/patches apply)."""
     with torch.no_grad():
-        return glue.run_in_guider(model, tm.cond(1, seed=1), tm.uncond(1), 1.0, x.shape,
+        return hooks.run_in_guider(model, tm.cond(1, seed=1), tm.uncond(1), 1.0, x.shape,
                                   torch.tensor([sigma, 0.0]), lambda f: f(x, torch.tensor([sigma])))
 
 
@@ -116,18 +116,18 @@ class _Session:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kohya_roundtrip_comfyui(pack, build, family, preset, tmp_path, caplog):
     import comfy.lora
-    glue = pack.glue
+    hooks = pack.hooks
     tm = build(family)
     x = torch.randn(1, tm.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = float(tm.sigmas(4)[1])
-    base_out = _predict(glue, tm.model, tm, x, sigma)
+    base_out = _predict(hooks, tm.model, tm, x, sigma)
 
-    mp, adapters = glue.attach_lora(tm.model, rank=4, alpha=8.0, preset=preset)
-    has_conv = any(len(s) == 4 for _, s in glue.denoiser_weights(tm.model))
+    mp, adapters = hooks.attach_lora(tm.model, rank=4, alpha=8.0, preset=preset)
+    has_conv = any(len(s) == 4 for _, s in hooks.denoiser_weights(tm.model))
     if preset == "all-linear+conv" and has_conv:
         assert any(len(a.shape) == 4 for a in adapters.values())
     _randomize_up(adapters)
-    trained = _predict(glue, mp, tm, x, sigma)
+    trained = _predict(hooks, mp, tm, x, sigma)
     effect = (trained - base_out).norm()
     assert effect > 1e-2 * base_out.norm(), "the LoRA must change the output for this test to mean anything"
 
@@ -138,7 +138,7 @@ def test_kohya_roundtrip_comfyui(pack, build, family, preset, tmp_path, caplog):
     else:
         assert kohya_map == {}
     key_map = comfy.lora.model_lora_keys_unet(tm.model.model, {})
-    md = E.lora_metadata(arch=pack.glue.model_family(tm.model).arch, rank=4, alpha=8.0)
+    md = E.lora_metadata(arch=pack.hooks.model_family(tm.model).arch, rank=4, alpha=8.0)
 
     for dtype, tol in DTYPE_TOL:
         sd = E.kohya_state_dict(adapters, dtype, kohya_map)
@@ -159,7 +159,7 @@ def test_kohya_roundtrip_comfyui(pack, build, family, preset, tmp_path, caplog):
         new, warnings = _load_in_comfyui(tm.model, lora_sd, caplog)
         assert not warnings, warnings[:5]
         assert set(new.patches) == {f"diffusion_model.{m}.weight" for m in adapters}
-        out = _predict(glue, new, tm, x, sigma)
+        out = _predict(hooks, new, tm, x, sigma)
         err = float((out - trained).norm() / effect)
         assert err <= tol, f"{family}/{preset}/{dtype}: loaded LoRA output differs from training by {err:.2e} of the LoRA effect"
 
@@ -226,7 +226,7 @@ def test_kohya_and_peft_load_in_diffusers(pack, build, family, rank, tmp_path, c
         d_base = d_unet(x, ts, **dkw).sample
     assert float((c_base - d_base).norm() / c_base.norm()) < 1e-5, "diffusers twin of the tiny UNet differs"
 
-    mp, adapters = pack.glue.attach_lora(tm.model, rank=rank, alpha=2.0 * rank, preset="all-linear+conv")
+    mp, adapters = pack.hooks.attach_lora(tm.model, rank=rank, alpha=2.0 * rank, preset="all-linear+conv")
     _randomize_up(adapters, std=0.1 / rank ** 0.5)
     if rank == 40:
         assert len({a.rank for a in adapters.values()}) > 1
@@ -283,7 +283,7 @@ def test_ldm_names_do_not_load_in_diffusers_sd15(pack, build, tmp_path):
     (and the log catcher used above does see its complaint)."""
     from diffusers import StableDiffusionPipeline
     tm = build("sd15")
-    _, adapters = pack.glue.attach_lora(tm.model, rank=4, alpha=8.0, preset="attention")
+    _, adapters = pack.hooks.attach_lora(tm.model, rank=4, alpha=8.0, preset="attention")
     path = str(tmp_path / "ldm.safetensors")
     E.write_lora(path, E.kohya_state_dict(adapters, "fp32"), {})
     unet = _diffusers_unet(tm)
@@ -399,9 +399,9 @@ def test_export_node(pack, build, comfy_dirs, caplog):
     assert Node.OUTPUT_NODE and Node.CATEGORY == "PCPO" and Node.RETURN_TYPES == ("STRING",)
 
     tm = build("sd15")
-    mp, adapters = pack.glue.attach_lora(tm.model, rank=4, alpha=8.0, preset="attention")
+    mp, adapters = pack.hooks.attach_lora(tm.model, rank=4, alpha=8.0, preset="attention")
     _randomize_up(adapters)
-    session = _Session(adapters, mp, pack.glue.model_family(tm.model),
+    session = _Session(adapters, mp, pack.hooks.model_family(tm.model),
                        {"pcpo_reward": "colour", "pcpo_objective": "pcpo", "pcpo_steps": "12",
                         "pcpo_settings": json.dumps({"lr": 0.001}), "pcpo_run": "abc"})
     loras = folder_paths.get_folder_paths("loras")[0]
@@ -434,8 +434,8 @@ def test_export_node(pack, build, comfy_dirs, caplog):
 
     # a DiT: the kohya file is written, the diffusers copy is skipped with a warning
     tf = build("flux")
-    mpf, adf = pack.glue.attach_lora(tf.model, rank=4, alpha=4.0, preset="attention")
-    res = Node().export(_Session(adf, mpf, pack.glue.model_family(tf.model)), "flux_run", "bf16", True)
+    mpf, adf = pack.hooks.attach_lora(tf.model, rank=4, alpha=4.0, preset="attention")
+    res = Node().export(_Session(adf, mpf, pack.hooks.model_family(tf.model)), "flux_run", "bf16", True)
     assert os.path.isfile(res["result"][0]) and "skipped" in " ".join(res["ui"]["text"])
     assert not os.path.exists(E.diffusers_output_path(folder_paths.get_output_directory(), "flux_run"))
 

@@ -11,7 +11,7 @@ import torch
 
 from comfyui_pcpo.guard import GuardConfig, GuardState, accept_best, judge, rollback, save_best
 from comfyui_pcpo.metrics import metrics_path, read_metrics
-from comfyui_pcpo.run import RunSettings, RunState, new_adapters
+from comfyui_pcpo.run_state import RunSettings, RunState, new_adapters
 
 
 def state_equal(a: dict, b: dict, prefixes=("lora.", "optimizer.", "generator")) -> bool:
@@ -143,7 +143,7 @@ def test_heldout_evaluation_is_deterministic(pcpo, demo):
     assert a.per_sample == b.per_sample and a.guards == b.guards and a.kl_base == b.kl_base
     assert torch.equal(a.images, b.images) and a.images.shape == (4, 32, 32, 3)
     assert a.kl_base > 0 and len(set(a.per_sample)) == 4  # every sample has its own noise
-    with torch.inference_mode(), pcpo.mod("nodes.glue").lora_multiplier(sess.adapters, 0.0):
+    with torch.inference_mode(), pcpo.mod("nodes.model_hooks").lora_multiplier(sess.adapters, 0.0):
         base = node.run(sess, *args)
     assert base.kl_base == 0.0 and base.per_sample != a.per_sample
     grid = R.image_grid(a.images)
@@ -240,7 +240,7 @@ def test_guard_actions(pcpo, demo, action):
     model, clip, vae = demo
     sess = _session(pcpo, model, f"act_{action}", 1e-2)
     H = pcpo.mod("nodes.heldout")
-    loop = pcpo.mod("nodes.loop")
+    loop = pcpo.mod("nodes.requeue")
     held = H.HeldOut(sess.run_name, sess.iteration, True, 0.5, "brightness", {}, 0.0, [], [])
     assert _guard(pcpo, sess, held, action=action, best="")["new_best"]
     best = copy_tensors(sess.state)

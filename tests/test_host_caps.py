@@ -44,12 +44,12 @@ def test_flux_rope_backward_works_inside_the_training_flag(pcpo):
     """On hosts whose FLUX RoPE is comfy-kitchen's kernel (ComfyUI ~0.7-0.12) this raised "no autograd
     formula was registered"; the gradient must equal the torch RoPE's."""
     import comfy.ldm.flux.math as fm
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     host_fn = fm.apply_rope
     q, k = _inputs()
     freqs = _freqs(fm)
     w = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode(), glue.training_flag():  # as ComfyUI's executor runs the nodes
+    with torch.inference_mode(), hooks.training_flag():  # as ComfyUI's executor runs the nodes
         with torch.inference_mode(False), torch.enable_grad():
             qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
             oq, ok = fm.apply_rope(qg, kg, freqs)
@@ -110,7 +110,7 @@ def test_a_rope_without_backward_is_swapped_for_the_pack_calls_only(pcpo, caps, 
     also when the pass raises; a differentiable one is left alone.  The probe runs once (per
     ``in_training`` value)."""
     import comfy.ldm.flux.math as fm
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     calls = []
 
     def kernel(q, k, freqs):
@@ -119,15 +119,15 @@ def test_a_rope_without_backward_is_swapped_for_the_pack_calls_only(pcpo, caps, 
 
     monkeypatch.setattr(fm, "apply_rope", kernel)
     assert not caps.flux_rope_differentiable(fm)
-    with glue.training_flag():
+    with hooks.training_flag():
         probes = len(calls)
         assert fm.apply_rope is torch_rope.apply_rope and fm.apply_rope1 is torch_rope.apply_rope1
-        with glue.training_mode():  # nested: the gradient pass inside a rollout's flag
+        with hooks.training_mode():  # nested: the gradient pass inside a rollout's flag
             assert fm.apply_rope is torch_rope.apply_rope
         assert fm.apply_rope is torch_rope.apply_rope
     assert fm.apply_rope is kernel
     with pytest.raises(KeyError):
-        with glue.training_mode():
+        with hooks.training_mode():
             assert fm.apply_rope is torch_rope.apply_rope
             raise KeyError("interrupted")
     assert fm.apply_rope is kernel and len(calls) == probes  # probed once, cached
@@ -135,5 +135,5 @@ def test_a_rope_without_backward_is_swapped_for_the_pack_calls_only(pcpo, caps, 
 
     differentiable = lambda q, k, f: torch_rope.apply_rope(q, k, f)  # noqa: E731
     monkeypatch.setattr(fm, "apply_rope", differentiable)
-    with glue.training_mode():
+    with hooks.training_mode():
         assert fm.apply_rope is differentiable

@@ -50,7 +50,7 @@ def _lora(pcpo, tm, name, seed):
 
 def _eps(pcpo, tm, model, x, step=1, steps=4, cfg=3.0):
     """(eps or v, sigma) of ``model`` at ``x`` through ComfyUI's CFG model call at one step."""
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     sig = tm.sigmas(steps)
     s = sig[step].expand(x.shape[0])
 
@@ -58,7 +58,7 @@ def _eps(pcpo, tm, model, x, step=1, steps=4, cfg=3.0):
         return predict(x.clone(), s.clone())
 
     with torch.inference_mode():
-        d = glue.run_in_guider(model, tm.cond(x.shape[0], 5), tm.uncond(x.shape[0]), cfg, tuple(x.shape), sig, fn)
+        d = hooks.run_in_guider(model, tm.cond(x.shape[0], 5), tm.uncond(x.shape[0]), cfg, tuple(x.shape), sig, fn)
     sv = s.reshape(-1, 1, 1, 1).to(d.dtype)
     return (x - d) / sv, d
 

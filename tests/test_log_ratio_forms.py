@@ -6,7 +6,7 @@ difference form's error against a float64 reference is larger than the analytic 
 import pytest
 import torch
 
-from comfyui_pcpo import plan as P
+from comfyui_pcpo import step_plan as P
 from comfyui_pcpo.objectives import (ObjectiveInputs, difference_log_ratio, ddpo_loss, grpo_clip_loss,
                                      neg_log_ratio, pcpo_loss)
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer

@@ -1,4 +1,4 @@
-"""The re-queue loop (nodes/loop.py) against a real ComfyUI server (main.py in a subprocess).
+"""The re-queue loop (nodes/requeue.py) against a real ComfyUI server (main.py in a subprocess).
 
 One server runs every scenario (a run name each), with our pack, the tiny stand-in pack and a probe
 pack written here: a probe node that runs after the Export node (it takes the export's path), logs
@@ -106,7 +106,7 @@ PROBE_PACK = textwrap.dedent('''\
 
 
     class PCPOLoopCounter:
-        """nodes/loop.py alone: counts in its loop marker and re-queues itself until ``target``."""
+        """nodes/requeue.py alone: counts in its loop marker and re-queues itself until ``target``."""
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {"run": ("STRING", {"default": ""}), "target": ("INT", {"default": 1}),
@@ -149,7 +149,7 @@ def server(comfy, tmp_path_factory):
     os.symlink(TINY_PACK, custom / "pcpo_tiny_pack", target_is_directory=True)
     (custom / "pcpo_loop_probe").mkdir()
     (custom / "pcpo_loop_probe" / "__init__.py").write_text(
-        f"LOOP_PY = {str(REPO_ROOT / 'nodes' / 'loop.py')!r}\n" + PROBE_PACK)
+        f"LOOP_PY = {str(REPO_ROOT / 'nodes' / 'requeue.py')!r}\n" + PROBE_PACK)
     port = _free_port()
     # ComfyUI's main.py run by tools/comfyui_host.py (import shims first), as in test_workflows
     args = [sys.executable, str(REPO_ROOT / "tools" / "comfyui_host.py"), "serve", "--",
@@ -256,7 +256,7 @@ def _ckpt_iteration(srv, run: str) -> int:
 # --------------------------------------------------------------------------- the loop alone
 
 def test_a_node_loops_through_requeue_with_its_marker(server):
-    """nodes/loop.py without the training nodes: a node re-queues its prompt with a marker item until
+    """nodes/requeue.py without the training nodes: a node re-queues its prompt with a marker item until
     its target; the marker comes back, the submitter's extra_data stays."""
     run = f"counter_{uuid.uuid4().hex[:8]}"
     log_path = server.tmp / f"{run}.jsonl"
@@ -380,7 +380,7 @@ def test_cancel_during_an_iteration_ends_the_loop(server, ignore_interrupt):
 # --------------------------------------------------------------------------- without a server
 
 def test_no_server_means_no_requeue_and_markers_round_trip(comfy, pcpo):
-    loop = pcpo.mod("nodes.loop")
+    loop = pcpo.mod("nodes.requeue")
     assert loop.requeue({"1": {"class_type": "X", "inputs": {}}}, {}, "r", 3, note="x") is False
     info = {"workflow": {}, loop.LOOP_KEY: {"run": "r", "target": 5, "started_at": 2}}
     assert loop.loop_marker(info, "r") == {"run": "r", "target": 5, "started_at": 2}

@@ -100,7 +100,7 @@ def test_rollout_then_gradient_pass_is_exactly_on_policy(pcpo, tiny, family):
     # the recorded step noise reproduces every recorded transition
     plan = traj.plan
     P = pcpo.mod("nodes.sampler")
-    from comfyui_pcpo.plan import step_mean
+    from comfyui_pcpo.step_plan import step_mean
     for i in plan.trainable_steps().tolist():
         mu = step_mean(plan, i, traj.latents[:, i], traj.pred_old[:, i])
         assert torch.allclose(mu + float(plan.std[i]) * traj.eps_old[:, i], traj.latents[:, i + 1], atol=1e-5)
@@ -114,7 +114,7 @@ def test_rollout_then_gradient_pass_is_exactly_on_policy(pcpo, tiny, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pcpo_loss_autograd_matches_finite_differences(pcpo, tiny, family):
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     tm = tiny.build(family)
     sess = make_session(pcpo, tm, f"fd_{family}")
     _, batch = rollout(pcpo, tm, sess)
@@ -142,8 +142,8 @@ def test_pcpo_loss_autograd_matches_finite_differences(pcpo, tiny, family):
             if backward:
                 loss.backward()
             return float(loss)
-        with glue.training_mode(), torch.enable_grad() if backward else torch.no_grad():
-            return glue.run_in_guider(model or sess.model, glue.clone_conditioning(pos), glue.clone_conditioning(neg),
+        with hooks.training_mode(), torch.enable_grad() if backward else torch.no_grad():
+            return hooks.run_in_guider(model or sess.model, hooks.clone_conditioning(pos), hooks.clone_conditioning(neg),
                                       batch.cfg, (2, *batch.latent_shape), traj.plan.sigmas.float(), fn)
 
     for p in params:
@@ -190,7 +190,7 @@ def _brightness_gain(pcpo, tiny, objective, seed, iters=4, G=8, steps=3):
     evaluation batch with the LoRA on and off.  With the LoRA off the model is exactly the same run
     at learning rate 0 (the LoRA's up matrices start at zero and would never move); both evaluations
     use the same noise."""
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     tm = tiny.build("flux", seed=seed)
     sess = make_session(pcpo, tm, f"bright_{objective}_{seed}", lr=3e-3, preset="all-linear", seed=seed)
     for _ in range(iters):
@@ -198,7 +198,7 @@ def _brightness_gain(pcpo, tiny, objective, seed, iters=4, G=8, steps=3):
         update(pcpo, sess, batch, latent_preview(tm, lat["samples"]), objective=objective, micro_batch=G)
     lat, _ = rollout(pcpo, tm, sess, G=G, groups=4, steps=steps, seed=1000 + seed)
     trained = float(latent_preview(tm, lat["samples"]).mean())
-    with glue.lora_multiplier(sess.adapters, 0.0):
+    with hooks.lora_multiplier(sess.adapters, 0.0):
         lat, _ = rollout(pcpo, tm, sess, G=G, groups=4, steps=steps, seed=1000 + seed)
     return trained - float(latent_preview(tm, lat["samples"]).mean())
 
@@ -304,8 +304,8 @@ def test_uw_lambda_rollout_mixes_base_and_lora_predictions(pcpo, tiny, family):
     """uw-lambda executes eps_ref + lambda_t (eps_theta - eps_ref) and records eps_theta, so the
     exact log-ratio weight of the trained prediction is the PCPO weight; the first update replays
     the rollout exactly."""
-    glue = pcpo.mod("nodes.glue")
-    from comfyui_pcpo.plan import step_mean
+    hooks = pcpo.mod("nodes.model_hooks")
+    from comfyui_pcpo.step_plan import step_mean
     tm = tiny.build(family)
     sess = make_session(pcpo, tm, f"uwl_{family}")
     g = torch.Generator().manual_seed(5)
@@ -324,11 +324,11 @@ def test_uw_lambda_rollout_mixes_base_and_lora_predictions(pcpo, tiny, family):
         s = plan.sigmas[i].float().expand(2)
         return (x - predict(x, s)) / s.reshape(-1, 1, 1, 1)
 
-    run = lambda: glue.run_in_guider(sess.model, pos, neg, batch.cfg, (2, *batch.latent_shape),  # noqa: E731
+    run = lambda: hooks.run_in_guider(sess.model, pos, neg, batch.cfg, (2, *batch.latent_shape),  # noqa: E731
                                      plan.sigmas.float(), pred)
-    with torch.inference_mode(), glue.training_flag():  # the rollout's numerics
+    with torch.inference_mode(), hooks.training_flag():  # the rollout's numerics
         theta = run()
-        with glue.lora_multiplier(sess.adapters, 0.0):
+        with hooks.lora_multiplier(sess.adapters, 0.0):
             ref = run()
     assert torch.equal(theta, traj.pred_old[rows, i]) and not torch.allclose(theta, ref)
     mixed = ref + float(plan.lam[i]) * (theta - ref)

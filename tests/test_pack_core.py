@@ -22,7 +22,7 @@ def test_pack_replaces_a_stale_core_by_its_own(tmp_path):
         H.load_comfy()
         pack = pcpo_pack.load(H)
         assert pack.ok and "PCPOLoRA" in pack.nodes, pack
-        import comfyui_pcpo, comfyui_pcpo.run
+        import comfyui_pcpo, comfyui_pcpo.run_state
         repo = os.path.realpath(os.path.join({TESTS_DIR!r}, "..", "comfyui_pcpo"))
         assert os.path.realpath(os.path.dirname(comfyui_pcpo.__file__)) == repo, comfyui_pcpo.__file__
         assert comfyui_pcpo.__version__ != "stale"

@@ -137,7 +137,7 @@ def test_16bit_training_gives_the_fp32_gradient(pcpo, tiny, comfy_dirs, family, 
 def test_checkpointing_gives_the_same_gradient(pcpo, tiny, comfy_dirs, family, size):
     """Same gradient with and without checkpointing, and checkpointing is really on: every
     checkpointed unit runs its forward once more (the recomputation) in the gradient pass."""
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     grads, calls = {}, {}
     for ck in ("off", "on"):
         tm = build(tiny, family)
@@ -146,7 +146,7 @@ def test_checkpointing_gives_the_same_gradient(pcpo, tiny, comfy_dirs, family, s
         dm = sess.model.model.diffusion_model
         # a module inside each checkpointed unit (the recomputation calls the unit's forward directly,
         # but the modules inside it through their hooks)
-        inner = {n: list(dm.get_submodule(n).modules())[1] for n in glue.checkpoint_blocks(dm)
+        inner = {n: list(dm.get_submodule(n).modules())[1] for n in hooks.checkpoint_blocks(dm)
                  if len(list(dm.get_submodule(n).modules())) > 1}
         counts = {n: 0 for n in inner}
         hooks = [m.register_forward_pre_hook(lambda m, a, n=n: counts.__setitem__(n, counts[n] + 1))
@@ -171,18 +171,18 @@ def test_checkpointing_defaults_by_architecture(pcpo, tiny, comfy_dirs):
     assert not S.TrainingOptions.resolve(build(tiny, "sd15").model).checkpointing
     assert S.TrainingOptions.resolve(build(tiny, "sdxl").model).checkpointing
     assert S.TrainingOptions.resolve(build(tiny, "flux").model).checkpointing
-    glue = pcpo.mod("nodes.glue")
-    names = glue.checkpoint_blocks(build(tiny, "flux").model.model.diffusion_model)
+    hooks = pcpo.mod("nodes.model_hooks")
+    names = hooks.checkpoint_blocks(build(tiny, "flux").model.model.diffusion_model)
     assert names == ["double_blocks.0", "single_blocks.0"] or all(n.split(".")[0] in ("double_blocks", "single_blocks")
                                                                   for n in names)
-    unet = glue.checkpoint_blocks(build(tiny, "sd15").model.model.diffusion_model)
+    unet = hooks.checkpoint_blocks(build(tiny, "sd15").model.model.diffusion_model)
     assert "middle_block.1" in unet and "input_blocks.1.1" in unet  # the layers ComfyUI calls one by one
 
 
 def test_gradient_scaling_skips_overflow_and_is_checkpointed(pcpo, tiny, comfy_dirs):
     """fp16's loss scaling: a step whose scaled gradients overflow is skipped (nothing changes but
     the scale, which halves), and the scale lives in the checkpoint."""
-    from comfyui_pcpo.run import read_checkpoint
+    from comfyui_pcpo.run_state import read_checkpoint
     tm = build(tiny, "sd15")
     sess = session(pcpo, tm, "scaler", "fp16")
     scaler_state = sess.state.grad_scaler.state_dict()
@@ -239,9 +239,9 @@ def test_a_skipped_step_is_not_counted_twice_as_a_stall(pcpo, tiny, comfy_dirs):
 
 def test_partial_load_is_refused_and_adapters_never_move(pcpo, tiny, comfy_dirs):
     import comfy.model_patcher
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     tm = build(tiny, "sd15")
-    mp, adapters = glue.attach_lora(tm.model, 4, 4.0, "attention")
+    mp, adapters = hooks.attach_lora(tm.model, 4, 4.0, "attention")
 
     class HalfLoaded(comfy.model_patcher.ModelPatcher):
         """A patcher that reports what a low-VRAM (partial) load reports."""
@@ -250,9 +250,9 @@ def test_partial_load_is_refused_and_adapters_never_move(pcpo, tiny, comfy_dirs)
             return self.model_size() // 2
 
     half = HalfLoaded(mp.model, mp.load_device, mp.offload_device)
-    glue.load_for_training(mp, (4, 8, 8), 2)  # a full load passes
+    hooks.load_for_training(mp, (4, 8, 8), 2)  # a full load passes
     with pytest.raises(RuntimeError, match="whole model") as e:
-        glue.load_for_training(half, (4, 8, 8), 2)
+        hooks.load_for_training(half, (4, 8, 8), 2)
     assert "gradient_checkpointing" in str(e.value) and "--lowvram" in str(e.value)
     a = next(iter(adapters.values()))
     assert a.move_to(device="cpu") == 0 and a.memory_bytes() == 4 * (a.up.numel() + a.down.numel())

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from comfyui_pcpo.plan import diffusion_plan, flow_plan, mean_coefficients, step_mean
+from comfyui_pcpo.step_plan import diffusion_plan, flow_plan, mean_coefficients, step_mean
 from comfyui_pcpo.rollout import KLToReference, cpu_noise, rollout
 
 
@@ -81,7 +81,7 @@ def test_kl_to_reference_is_zero_for_the_reference_itself():
 
 
 def test_one_seed_formula_keeps_the_heldout_stream_apart_from_training_rollouts():
-    from comfyui_pcpo.run import heldout_seed, rollout_seed
+    from comfyui_pcpo.run_state import heldout_seed, rollout_seed
     for seed in (0, 1, 12345, 2 ** 62):
         held = {heldout_seed(seed, p) for p in range(64)}
         train = {rollout_seed(seed, it, g) for it in range(200) for g in range(64)}

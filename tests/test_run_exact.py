@@ -69,7 +69,7 @@ def test_optimizer_state_counts_every_update(pcpo, tiny, comfy_dirs, optimizer):
 def test_training_leaves_the_input_model_untouched(pcpo, tiny, comfy_dirs):
     """A KSampler on the MODEL the PCPO LoRA node was given samples bit-identically after training,
     and that model keeps the very same tensor objects and values."""
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     tm = inference_model(tiny)
     base = tm.model.model
     before = {k: (id(t), t.clone()) for k, t in base.state_dict(keep_vars=True).items()}
@@ -80,7 +80,7 @@ def test_training_leaves_the_input_model_untouched(pcpo, tiny, comfy_dirs):
                                      tm.empty_latent(2, 8, 8), 1.0)[0]["samples"]
     out0 = ksampler()
     sess = create(pcpo, tm, "untouched")
-    assert sess.model.model is not base and glue.copy_strategy(tm.model) == "own-copy"
+    assert sess.model.model is not base and hooks.copy_strategy(tm.model) == "own-copy"
     iterate(pcpo, tm, sess, n=2)
     assert any(a.up.abs().sum() > 0 for a in sess.adapters.values())  # the LoRA did train
     out1 = ksampler()
@@ -98,7 +98,7 @@ def test_loader_cache_gives_the_hosts_own_deep_copy(pcpo, tiny, comfy_dirs):
     ``clone(force_deepcopy=True)``), the trainable copy comes from there, as in ComfyUI's trainer;
     older hosts make their own copy.  Either way the run is exactly on-policy and the input model
     keeps its tensors."""
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     tm = inference_model(tiny)
     calls = []
 
@@ -107,12 +107,12 @@ def test_loader_cache_gives_the_hosts_own_deep_copy(pcpo, tiny, comfy_dirs):
         return tiny.build("sd15").model  # the loader reading the same file again
 
     tm.model.cached_patcher_init = (recreate, ())
-    host_copy = "force_deepcopy" in glue._clone_params(tm.model)
-    assert glue.copy_strategy(tm.model) == ("host-deepcopy" if host_copy else "own-copy")
+    host_copy = "force_deepcopy" in hooks._clone_params(tm.model)
+    assert hooks.copy_strategy(tm.model) == ("host-deepcopy" if host_copy else "own-copy")
     ids = {k: id(t) for k, t in tm.model.model.state_dict(keep_vars=True).items()}
     sess = create(pcpo, tm, "host_copy")
     assert calls == ([True] if host_copy else [])
-    assert sess.model.model is not tm.model.model and sess.model.pcpo_copy_strategy == glue.copy_strategy(tm.model)
+    assert sess.model.model is not tm.model.model and sess.model.pcpo_copy_strategy == hooks.copy_strategy(tm.model)
     assert not any(p.requires_grad for p in sess.model.model.parameters())
     stats = iterate(pcpo, tm, sess)
     assert stats["first_update_log_ratio"] == 0.0 and stats["grad_norm"] > 0
@@ -137,21 +137,21 @@ class StandInPatcher:
 
 
 def test_copy_strategy_decisions(pcpo):
-    glue = pcpo.mod("nodes.glue")
+    hooks = pcpo.mod("nodes.model_hooks")
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     trainable = torch.nn.Linear(2, 2)
     with torch.inference_mode():
         loaded = torch.nn.Linear(2, 2)  # as ComfyUI's loaders create weights
     S = StandInPatcher
-    assert glue.copy_strategy(S(frozen)) == "share"
-    assert glue.copy_strategy(S(frozen, new_clone=True, cached_init=True)) == "share"
-    assert glue.copy_strategy(S(trainable)) == "own-copy"
-    assert glue.copy_strategy(S(loaded)) == "own-copy"                                  # 0.3.x host
-    assert glue.copy_strategy(S(loaded, new_clone=True)) == "own-copy"                  # custom loader
-    assert glue.copy_strategy(S(loaded, new_clone=True, cached_init=True)) == "host-deepcopy"
+    assert hooks.copy_strategy(S(frozen)) == "share"
+    assert hooks.copy_strategy(S(frozen, new_clone=True, cached_init=True)) == "share"
+    assert hooks.copy_strategy(S(trainable)) == "own-copy"
+    assert hooks.copy_strategy(S(loaded)) == "own-copy"                                  # 0.3.x host
+    assert hooks.copy_strategy(S(loaded, new_clone=True)) == "own-copy"                  # custom loader
+    assert hooks.copy_strategy(S(loaded, new_clone=True, cached_init=True)) == "host-deepcopy"
     # a Dynamic VRAM patcher always gets a non-dynamic copy, even over frozen ordinary weights
-    assert glue.copy_strategy(S(frozen, dynamic=True, new_clone=True, cached_init=True)) == "host-deepcopy"
-    assert glue.copy_strategy(S(frozen, dynamic=True, new_clone=True)) == "own-copy"
+    assert hooks.copy_strategy(S(frozen, dynamic=True, new_clone=True, cached_init=True)) == "host-deepcopy"
+    assert hooks.copy_strategy(S(frozen, dynamic=True, new_clone=True)) == "own-copy"
 
 
 # ----------------------------------------------------------------------------- conditioning
@@ -223,7 +223,7 @@ def test_resume_off_never_overwrites_a_run_and_only_the_servers_loop_continues_i
     shares node ids); only a loop id the server issued for the run's lineage continues it, and a
     forged or stale marker is a press."""
     import shutil
-    loop = pcpo.mod("nodes.loop")
+    loop = pcpo.mod("nodes.requeue")
     sessions = pcpo.mod("nodes.session")
     tm = inference_model(tiny)
     first = create(pcpo, tm, "shared_name", unique_id="5")

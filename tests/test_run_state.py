@@ -1,4 +1,4 @@
-"""The host-free run state (comfyui_pcpo.run): settings, one-file checkpoint, atomic iterations,
+"""The host-free run state (comfyui_pcpo.run_state): settings, one-file checkpoint, atomic iterations,
 the registry of live runs."""
 import json
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from comfyui_pcpo.lora import LoRAWeightDelta
-from comfyui_pcpo.run import (CheckpointError, RunRegistry, RunSettings, RunState, read_checkpoint,
+from comfyui_pcpo.run_state import (CheckpointError, RunRegistry, RunSettings, RunState, read_checkpoint,
                               rollout_generator, write_checkpoint)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from comfyui_pcpo.plan import prediction_from_denoised, step_mean
+from comfyui_pcpo.step_plan import prediction_from_denoised, step_mean
 
 ETA = {"sd15": 1.0, "sd3": 0.7, "flux": 0.7}
 
@@ -14,7 +14,7 @@ def test_pcpo_sampler_step_noise_is_not_the_initial_noise(pcpo, tiny):
     """SamplerCustom draws the initial noise from noise_seed; the sampler's first step noise,
     recovered from the first transition, must be a different draw (yet the same for the same seed)."""
     import comfy.sample
-    from comfyui_pcpo.run import step_noise_seed
+    from comfyui_pcpo.run_state import step_noise_seed
     P = pcpo.mod("nodes.sampler")
     tm = tiny.build("sd15")
     sampler = pcpo.nodes["PCPOSampler"]().get_sampler(1.0, "native", "constant")[0]
@@ -93,7 +93,7 @@ def test_partial_denoise_schedule_starts_from_the_latent_and_trains(pcpo, tiny, 
     """SIGMAS that start below sigma_max (the second half of SplitSigmas, a denoise < 1 schedule):
     the rollout starts where ComfyUI's sampler would, from the LATENT (an image, or an empty one)
     plus the initial noise scaled to sigmas[0], and the update trains the steps of that schedule."""
-    from comfyui_pcpo.run import rollout_generator
+    from comfyui_pcpo.run_state import rollout_generator
     tm = tiny.build(family)
     sess = make_session(pcpo, tm, f"partial_{family}_{image}")
     ms = tm.model_sampling()
@@ -123,7 +123,7 @@ def test_partial_denoise_schedule_starts_from_the_latent_and_trains(pcpo, tiny, 
 
 
 def test_latent_batch_must_be_one_image_or_one_per_group(pcpo, tiny):
-    from comfyui_pcpo.run import rollout_generator
+    from comfyui_pcpo.run_state import rollout_generator
     tm = tiny.build("sd15")
     sess = make_session(pcpo, tm, "latent_batch")
     sigmas = tm.sigmas(3, denoise=0.5)
@@ -183,7 +183,7 @@ def test_schedule_without_a_trainable_step_is_refused_at_the_sampler(pcpo, tiny)
 def test_trainer_refuses_a_trajectory_without_a_trainable_step():
     """The host-free trainer names the cause instead of failing with an IndexError."""
     import dataclasses
-    from comfyui_pcpo.plan import diffusion_plan
+    from comfyui_pcpo.step_plan import diffusion_plan
     from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer
     from comfyui_pcpo.trajectory import Trajectory
     plan = diffusion_plan(torch.tensor([1.0, 0.5, 0.0]), 1.0, "native")

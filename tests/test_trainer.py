@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from comfyui_pcpo import plan as P
+from comfyui_pcpo import step_plan as P
 from comfyui_pcpo.lora import LoRAWeightDelta
 from comfyui_pcpo.rollout import make_trajectory, rollout
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, candidate_steps, micro_batches

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from comfyui_pcpo import plan, schedules
+from comfyui_pcpo import schedules, step_plan as plan
 from comfyui_pcpo.trajectory import Trajectory
 
 

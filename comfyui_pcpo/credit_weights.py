@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import ddim_std
+from .transition_kernels import ddim_std
 
 F64 = torch.float64
 
@@ -74,7 +74,7 @@ def sigma_tilde(abar_t, abar_prev, w_star: float = 4.5, eta: float = 1.0) -> tor
 
     This root solves (c1 + c2) / sigma_tilde = w* (with c2 from sigma_tilde), NOT (c1 - c2) /
     sigma_tilde = w*: the reference's uniformity comes from its constant loss weight (a documented
-    discrepancy of the reconstruction; see tests/test_weights.py)."""
+    discrepancy of the reconstruction; see tests/test_credit_weights.py)."""
     abar_t = torch.as_tensor(abar_t, dtype=F64)
     abar_prev = torch.as_tensor(abar_prev, dtype=F64)
     alpha_t = abar_t / abar_prev

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from comfyui_pcpo import kernels, schedules
+from comfyui_pcpo import schedules, transition_kernels as kernels
 from comfyui_pcpo.objectives import neg_log_ratio
 
 F64 = torch.float64
@@ -96,7 +96,7 @@ def _log_ratio_via_logprobs(mu_old, mu_new, std, noise):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_analytic_neg_log_ratio_equals_float64_logprob_difference_diffusion(seed):
-    from comfyui_pcpo import weights
+    from comfyui_pcpo import credit_weights as weights
     g = torch.Generator().manual_seed(seed)
     a, ap = torch.tensor(0.1 + 0.5 * torch.rand(1, generator=g, dtype=F64).item(), dtype=F64), None
     ap = a + (1 - a) * 0.3
@@ -120,7 +120,7 @@ def test_analytic_neg_log_ratio_equals_float64_logprob_difference_diffusion(seed
 
 @pytest.mark.parametrize("rule,level", [("constant", 0.3), ("flow-grpo", 0.7)])
 def test_analytic_neg_log_ratio_equals_float64_logprob_difference_flow(rule, level):
-    from comfyui_pcpo import weights
+    from comfyui_pcpo import credit_weights as weights
     g = torch.Generator().manual_seed(7)
     ts = schedules.flow_grid(8, 3.0)
     sig = schedules.flow_noise_levels(ts, rule, level)
@@ -140,7 +140,7 @@ def test_analytic_neg_log_ratio_equals_float64_logprob_difference_flow(rule, lev
 def test_prediction_from_denoised_per_sample_sigma_closed_form():
     """ComfyUI returns x0; with x = x0 + sigma eps (diffusion) or x = (1 - t) x0 + t n (flow) the
     kernel predictions are eps and v = n - x0, per sample."""
-    from comfyui_pcpo import plan as P
+    from comfyui_pcpo import step_plan as P
     g = torch.Generator().manual_seed(9)
     x0, n = torch.randn(3, 4, 5, 5, generator=g, dtype=F64), torch.randn(3, 4, 5, 5, generator=g, dtype=F64)
     sig = torch.tensor([0.3, 2.0, 14.6], dtype=F64)

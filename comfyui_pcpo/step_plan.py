@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels, schedules, weights
+from . import credit_weights as weights, schedules, transition_kernels as kernels
 
 F64 = torch.float64
 VARIANTS = ("uw-sigma", "uw-lambda", "native")

@@ -1,4 +1,4 @@
-"""The headless runner ``python -m comfyui_pcpo.run`` (comfyui_pcpo/runner.py).
+"""The headless runner ``python -m comfyui_pcpo.run`` (comfyui_pcpo/run.py).
 
 * workflow checks and the progress line, without ComfyUI;
 * a real run in a subprocess through ComfyUI's executor on a tiny SD1.5 (the shipped SD1.5 API
@@ -156,7 +156,7 @@ def checkpoint(out: pathlib.Path, run_name: str) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------- without ComfyUI
 
 def test_workflow_checks_name_the_problem(tmp_path):
-    from comfyui_pcpo import runner
+    from comfyui_pcpo import run as runner
     ui = write_json(tmp_path / "ui.json", {"nodes": [], "links": []})
     with pytest.raises(runner.WorkflowError, match="Export \\(API\\)"):
         runner.read_workflow(str(ui))
@@ -174,7 +174,7 @@ def test_workflow_checks_name_the_problem(tmp_path):
 
 
 def test_progress_line_has_iteration_reward_and_eta():
-    from comfyui_pcpo.runner import format_duration, progress_line
+    from comfyui_pcpo.run import format_duration, progress_line
     line = progress_line(3, 10, 0.5, 0.45, done=2, elapsed=20.0)
     assert line.startswith("iteration 3/10 | reward 0.5000 (running mean 0.4500) | 10.0 s/it | ETA 1m10s")
     assert format_duration(3725) == "1h02m05s" and format_duration(4) == "4s"

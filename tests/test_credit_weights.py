@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from comfyui_pcpo import plan, schedules, weights
+from comfyui_pcpo import credit_weights as weights, schedules, step_plan as plan
 
 F64 = torch.float64
 

@@ -199,7 +199,7 @@ def attach_lora(model, rank: int, alpha: float, preset: str, extra_regex: str = 
     ``LoRAWeightDelta.bypass``).  ``checkpointing`` recomputes each block's activations in the
     backward pass instead of keeping them (:func:`checkpoint_blocks`).
     """
-    from comfyui_pcpo.run import new_adapters
+    from comfyui_pcpo.run_state import new_adapters
     if adapters is None:
         shapes = dict(denoiser_weights(model))
         targets = select_targets(list(shapes.items()), preset, extra_regex)
