@@ -78,6 +78,33 @@ class LoopRegistry:
                 self._loops.pop(loop.id, None)
 
 
+# what a prompt's PCPO LoRA node does with the run of its name (see :func:`session_action`)
+CONTINUE_LIVE = "continue-live"   # the live run in memory goes on
+START_OVER = "start-over"         # a live run that never trained (nothing on disk) is replaced by a new one
+RESUME_DISK = "resume-disk"       # the run's checkpoint is loaded
+NEW_RUN = "new-run"               # nothing exists: a new run starts
+REFUSE = "refuse"                 # resume off on a run that exists: refused, never overwritten
+
+
+def session_action(resume: bool, live_in_loop: bool, live_trained: Optional[bool], disk_in_loop: bool,
+                   on_disk: bool) -> str:
+    """The one rule of who may continue a run.  ``live_trained``: None when no run of the name is live,
+    else whether it has trained or has a checkpoint; ``live_in_loop`` / ``disk_in_loop``: the prompt
+    carries a loop id this server issued for the live run's / the checkpoint's lineage; ``on_disk``: a
+    checkpoint exists.  A press with resume on continues (the live run, else the checkpoint); with
+    resume off it starts a new run only where nothing would be lost, else it is refused; a loop's own
+    prompts always continue their run."""
+    if live_trained is not None:
+        if resume or live_in_loop:
+            return CONTINUE_LIVE
+        if live_trained:
+            return REFUSE
+        # the live run had not trained: it is replaced, then the disk decides as for a cold start
+    if on_disk:
+        return RESUME_DISK if (resume or disk_in_loop) else REFUSE
+    return START_OVER if live_trained is not None else NEW_RUN
+
+
 class RunExists(ValueError):
     """A press with resume off for a run that exists (the message names the run and the fixes)."""
 

@@ -26,7 +26,7 @@ import folder_paths
 from comfyui_pcpo import commit as C
 from comfyui_pcpo import distributed
 from comfyui_pcpo import __version__
-from comfyui_pcpo.lineage import refuse_restart
+from comfyui_pcpo import lineage as L
 from comfyui_pcpo.lora import TARGET_PRESETS
 from comfyui_pcpo.metrics import MetricsLog, metrics_path
 from comfyui_pcpo.precision import PRECISIONS, Precision, resolve_precision
@@ -245,29 +245,34 @@ def get_session(run_name: str, model, settings: RunSettings, resume: bool, owner
     check_run_name(run_name)
     options = options or TrainingOptions.resolve(model)
     sess = SESSIONS.get(run_name)
-    if sess is not None:
-        in_loop = find_loop(extra_pnginfo, run_name, sess.lineage) is not None
-        if not (resume or in_loop) and (sess.iteration > 0 or os.path.exists(sess.checkpoint_path)):
-            raise refuse_restart(run_name, sess.run_dir, f"live in this ComfyUI at iteration {sess.iteration}")
-        if resume or in_loop:
-            sess.live()
-            sess.state.check_settings(settings, where=f" (run {run_name!r} is live)")
-            changes = sess.state.apply_hyperparameters(settings)
-            if changes:
-                log.info("PCPO: run %s: %s", run_name, ", ".join(changes))
-            if sess.base_model is not model:
-                sess.rebind(model)
-            sess.set_options(options)
-            return sess
-        SESSIONS.pop(run_name)  # a new run that has not trained yet: nothing on disk is lost
+    ckpt = os.path.join(run_dir_for(run_name), "checkpoint.safetensors")
+    on_disk = os.path.exists(ckpt)
+    disk_lineage = checkpoint_lineage(ckpt) if on_disk and sess is None else None  # read only when it decides
+    action = L.session_action(
+        resume, live_in_loop=sess is not None and find_loop(extra_pnginfo, run_name, sess.lineage) is not None,
+        live_trained=None if sess is None else (sess.iteration > 0 or on_disk),
+        disk_in_loop=disk_lineage is not None and find_loop(extra_pnginfo, run_name, disk_lineage) is not None,
+        on_disk=on_disk)
+    if action == L.REFUSE:
+        where = (f"live in this ComfyUI at iteration {sess.iteration}" if sess is not None
+                 else f"its checkpoint {ckpt}")
+        raise L.refuse_restart(run_name, run_dir_for(run_name), where)
+    if action == L.CONTINUE_LIVE:
+        sess.live()
+        sess.state.check_settings(settings, where=f" (run {run_name!r} is live)")
+        changes = sess.state.apply_hyperparameters(settings)
+        if changes:
+            log.info("PCPO: run %s: %s", run_name, ", ".join(changes))
+        if sess.base_model is not model:
+            sess.rebind(model)
+        sess.set_options(options)
+        return sess
+    if action == L.START_OVER:  # a new run that has not trained yet: nothing on disk is lost
+        SESSIONS.pop(run_name)
         sess.replaced = True
         log.info("PCPO: run %s starts over (resume is off; it had not trained)", run_name)
     sess = Session(run_name, model, settings, owner=owner, options=options)
-    if os.path.exists(sess.checkpoint_path):
-        on_disk = checkpoint_lineage(sess.checkpoint_path)
-        in_loop = on_disk is not None and find_loop(extra_pnginfo, run_name, on_disk) is not None
-        if not (resume or in_loop):  # e.g. a ComfyUI restart, a changed input: still never overwritten
-            raise refuse_restart(run_name, sess.run_dir, f"its checkpoint {sess.checkpoint_path}")
+    if action == L.RESUME_DISK:
         try:
             sess.state.load(sess.checkpoint_path)
             sess.repair()

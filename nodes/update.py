@@ -17,6 +17,8 @@ from comfyui_pcpo.step_plan import prediction_from_denoised
 from comfyui_pcpo import distributed
 from comfyui_pcpo.atomic import dumps
 from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, candidate_steps
+from comfyui_pcpo.iteration import (RUNNING_MEAN_OF, STALL_LIMIT, check_inputs, checkpoint_due, finishing_node,
+                                    format_stats, gradient_stalled, stall_error, update_warnings)
 
 from .model_hooks import clone_conditioning, interrupted, load_for_training, run_in_guider, training_mode
 from .requeue import LOOPS, find_loop, requeue
@@ -25,66 +27,6 @@ from .dashboard import record_iteration
 from .heldout import apply_guard_lr, latest_heldout
 
 log = logging.getLogger("comfyui-pcpo")
-
-
-RUNNING_MEAN_OF = 10  # iterations in the running mean of the reward shown on the node (web/pcpo.js)
-STALL_LIMIT = 3  # iterations in a row without a usable gradient before the run stops with an error
-
-
-def gradient_stalled(stats: dict) -> bool:
-    """True when some group carried a reward signal but no update produced a usable gradient (all
-    zero, non-finite, or skipped for overflow)."""
-    if stats["zero_std_groups"] >= stats["groups"]:
-        return False  # every group scored its samples alike: a zero gradient is correct
-    norms = stats.get("grad_norms") or [stats["grad_norm"]]
-    usable = [n for n in norms if n > 0 and math.isfinite(n)]
-    # a step skipped for overflow has a non-finite norm, so it is already not usable: only skipped
-    # steps beyond the non-finite norms can hide among the usable ones
-    hidden = max(0, stats.get("skipped_steps", 0) - sum(not math.isfinite(n) for n in norms))
-    return len(usable) <= hidden
-
-
-LOW_ETA = 0.3     # below this the policy ratio is ill-conditioned (weights grow as 1 / noise level)
-HIGH_KL = 0.1     # approx KL of one update above which the step left the trust region
-
-
-def update_warnings(eta: float, stats: dict) -> list:
-    """Plain-language warnings about settings or stats that make an update unreliable."""
-    out = []
-    if eta < LOW_ETA:
-        out.append(f"eta {eta:g} is low: the policy ratio is ill-conditioned at low noise (KL and gradient "
-                   f"norms grow as 1/eta); use {LOW_ETA:g}-1.0")
-    if stats.get("approx_kl", 0.0) > HIGH_KL:
-        out.append(f"KL {stats['approx_kl']:.3g} per update is high: lower the learning rate or raise eta")
-    if stats.get("skipped_steps"):
-        out.append(f"{stats['skipped_steps']} optimizer step(s) skipped: fp16 gradients overflowed (the gradient "
-                   "scale was lowered)")
-    if gradient_stalled(stats):
-        out.append("no usable gradient this iteration although rewards differ within groups")
-    return out
-
-
-FINISHERS = ("PCPORewardGuard", "PCPOHeldOutEvaluation")  # nodes that add to an iteration after the update
-
-
-def finishing_node(prompt, unique_id):
-    """The class of the node that finishes this update's iteration in ``prompt`` -- a Reward Guard of
-    the same run, else a Held-out Evaluation of it -- or None (the update finishes it).  That node
-    writes the checkpoint, so the guard's decision and the held-out results commit with the update."""
-    if not isinstance(prompt, dict) or unique_id is None:
-        return None
-    me = prompt.get(str(unique_id))
-    link = me.get("inputs", {}).get("session") if isinstance(me, dict) else None
-    if not (isinstance(link, list) and link):
-        return None
-    found = {n.get("class_type") for n in prompt.values() if isinstance(n, dict)
-             and isinstance(n.get("inputs", {}).get("session"), list) and n["inputs"]["session"][:1] == link[:1]}
-    return next((c for c in FINISHERS if c in found), None)
-
-
-def format_stats(it: int, s: dict) -> str:
-    return (f"iter {it}: reward {s['reward_mean']:.4f} ± {s['reward_std']:.4f} | clip {s['clip_fraction']:.3f} | "
-            f"kl {s['approx_kl']:.2e} | grad {s['grad_norm']:.3g} | zero-std groups {s['zero_std_groups']}/{s['groups']}")
 
 
 class PCPOLoRAUpdate:
@@ -161,15 +103,7 @@ class PCPOLoRAUpdate:
         session = session.live()
         state = session.state
         batch = trajectory
-        if batch.run_name != session.run_name:
-            raise ValueError(f"the trajectory belongs to run {batch.run_name!r}, not {session.run_name!r}")
-        if batch.iteration != state.iteration or batch.session_token != session.token:
-            raise ValueError(f"the trajectory is from iteration {batch.iteration} but run {session.run_name!r} is at "
-                             f"{state.iteration}: sample a fresh rollout (the Trajectory Sampler must run before "
-                             "every update)")
-        if rewards.trajectory_uid != batch.uid:
-            raise ValueError("the rewards were computed for another rollout: wire the Reward Scorer to this "
-                             "Trajectory Sampler's output")
+        check_inputs(session.run_name, state.iteration, session.token, batch, rewards)
         # the loop this prompt continues, as the server remembers it (a forged marker is a press)
         loop = find_loop(extra_pnginfo, session.run_name, session.lineage)
         if loop is not None:
@@ -248,7 +182,7 @@ class PCPOLoRAUpdate:
         else:
             state.companions.pop("ratings", None)
         record_iteration(session, stats)  # this iteration's metrics record (and its metrics.jsonl line)
-        due = state.iteration % int(checkpoint_every) == 0 or state.iteration >= target
+        due = checkpoint_due(state.iteration, int(checkpoint_every), target)
         finisher = finishing_node(prompt, unique_id)
         if finisher is not None:  # the guard / held-out evaluation commits the iteration with its results
             session.pending_commit = {"by": finisher, "checkpoint": due}
@@ -256,12 +190,8 @@ class PCPOLoRAUpdate:
             session.save_checkpoint()
         if state.stalled_iterations >= STALL_LIMIT:
             session.save_checkpoint()
-            raise RuntimeError(
-                f"PCPO {session.run_name}: no usable gradient in {state.stalled_iterations} iterations in a row although "
-                f"rewards differ within groups (gradient norm {stats['grad_norm']:.3g}, {stats['skipped_steps']} "
-                f"overflowed steps; training precision {session.options.precision.name}). With fp16 the gradients "
-                "underflow or overflow: set training_precision to bf16 or fp32. Also check that target_layers "
-                "reach the layers that shape the image. The run is saved; queue again after the change.")
+            raise RuntimeError(stall_error(session.run_name, state.stalled_iterations, stats,
+                                           session.options.precision.name))
         warnings = update_warnings(float(traj.meta.get("eta", 1.0)), stats)
         warnings += state.load_notes  # findings of the checkpoint this run was resumed from, shown once
         state.load_notes = []

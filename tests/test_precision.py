@@ -149,12 +149,12 @@ def test_checkpointing_gives_the_same_gradient(pcpo, tiny, comfy_dirs, family, s
         inner = {n: list(dm.get_submodule(n).modules())[1] for n in hooks.checkpoint_blocks(dm)
                  if len(list(dm.get_submodule(n).modules())) > 1}
         counts = {n: 0 for n in inner}
-        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: counts.__setitem__(n, counts[n] + 1))
-                 for n, m in inner.items()]
+        handles = [m.register_forward_pre_hook(lambda m, a, n=n: counts.__setitem__(n, counts[n] + 1))
+                   for n, m in inner.items()]
         try:
             grads[ck], st = one_update(pcpo, tm, sess, size)
         finally:
-            for h in hooks:
+            for h in handles:
                 h.remove()
         calls[ck] = counts
         assert st["first_update_log_ratio"] == 0.0
@@ -220,7 +220,7 @@ def test_a_run_without_usable_gradient_stops_with_a_clear_error(pcpo, tiny, comf
 def test_a_skipped_step_is_not_counted_twice_as_a_stall(pcpo, tiny, comfy_dirs):
     """One fp16 step applied and one skipped for overflow: the iteration has a usable gradient (no
     warning, the stall counter stays 0); all steps skipped or zero is a stall."""
-    stalled = pcpo.mod("nodes.update").gradient_stalled
+    from comfyui_pcpo.iteration import gradient_stalled as stalled
     base = {"zero_std_groups": 0, "groups": 2, "grad_norm": float("inf")}
     assert not stalled({**base, "grad_norms": [0.5, float("inf")], "skipped_steps": 1})
     assert not stalled({**base, "grad_norms": [float("nan"), 0.5], "skipped_steps": 1})
