@@ -41,7 +41,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from . import distributed
 from .atomic import atomic_write_json
@@ -255,3 +255,74 @@ def lower_lr(gs: GuardState, factor: float) -> bool:
 
 def scaled_lr(base_lr: float, gs: Optional[GuardState]) -> float:
     return float(base_lr) * (gs.lr_scale if gs is not None else 1.0)
+
+
+@dataclass
+class Outcome:
+    """What one held-out evaluation did to the run (:func:`apply_verdict`)."""
+    lines: list             # what to tell the user (empty: nothing happened worth a line)
+    event: Optional[dict]   # the rollback log entry of a trip (also appended to ``gs.rollbacks``)
+    fields: dict            # this iteration's metrics fields (``guard_*``, ``rollback``)
+
+
+def apply_verdict(state: RunState, gs: GuardState, cfg: GuardConfig, verdict: Verdict, heldout: float,
+                  best_path: str, run_name: str, export_best: Optional[Callable[[], Optional[str]]] = None,
+                  stop_loop: Optional[Callable[[], bool]] = None) -> Outcome:
+    """Carry out the run's ``verdict`` (from :func:`decide`) on ``state`` and ``gs``: a new best is
+    saved to ``best_path`` and accepted (then ``export_best()`` may export it; its return value is the
+    exported path); a trip with a best state rolls LoRA and optimizer state back to it (refusing a
+    best-state file that holds another iteration than the run's best), then ``lower_lr`` scales the
+    learning rate (applied to the optimizer here) and ``stop`` records where the run stopped and calls
+    ``stop_loop()`` (True: a pending re-queue was dropped).  The caller commits ``gs`` with the state
+    (:func:`keep_guard`) afterwards.  Every rank calls it with the same verdict (:func:`decide`)."""
+    it = state.iteration
+    lines, fields, event = [], {}, None
+    if verdict.new_best:
+        save_best(state, best_path)
+        accept_best(gs, it, heldout)
+        lines.append(f"new best held-out reward {heldout:.4f} at iteration {it}")
+        if export_best is not None:
+            out = export_best()
+            if out:
+                fields["guard_best_path"] = out
+    elif verdict.tripped:
+        reason = "; ".join(verdict.reasons)
+        event = {"iteration": it, "reason": reason, "action": cfg.action, "to_iteration": None}
+        if verdict.rollback_to is not None:
+            if verdict.best_file_iteration != verdict.rollback_to:  # rank 0 read it; every rank refuses
+                raise CheckpointError(
+                    f"PCPO Reward Guard: {best_path} holds iteration {verdict.best_file_iteration}, but the run's "
+                    f"best state is iteration {verdict.rollback_to}: the file does not belong to this point of run "
+                    f"{run_name!r} (copied in, or the run was started over by hand). Queue again with "
+                    "the file moved away to continue without that rollback target, or use a new run_name.")
+            rollback(state, best_path)  # several processes: every rank loads rank 0's best state
+            event["to_iteration"] = gs.best_iteration
+            if cfg.action == "lower_lr":
+                if not lower_lr(gs, cfg.lr_factor):
+                    event["lr_at_floor"] = True
+                apply_lr(state, gs)
+                event["lr"] = scaled_lr(state.settings.learning_rate, gs)
+            lines.append(f"ROLLBACK at iteration {it} to iteration {gs.best_iteration}: {reason}")
+            if event.get("lr_at_floor"):
+                lines.append(f"the learning rate stays at {event['lr']:.3g}, its floor (1/{1 / MIN_LR_SCALE:g} of the "
+                             "node's value): lower_lr lowers it no further")
+        else:
+            lines.append(f"guard tripped at iteration {it} with no best state yet: {reason}")
+        if cfg.action == "stop":
+            gs.stopped_at = it
+            event["loop_cancelled"] = bool(stop_loop()) if stop_loop is not None else False
+            lines.append("the loop stops here (queue again to continue from the restored state)")
+        gs.rollbacks.append(event)
+        fields["rollback"] = event
+    fields.update(guard_best_iteration=gs.best_iteration, guard_best=gs.best_score, guard_lr_scale=gs.lr_scale,
+                  guard_rollbacks=len(gs.rollbacks))
+    return Outcome(lines, event, fields)
+
+
+def apply_lr(state: RunState, gs: GuardState) -> None:
+    """Set the optimizer's learning rate to the one the guard chose (``lower_lr`` scales the node's)."""
+    if gs.lr_scale == 1.0:
+        return
+    lr = scaled_lr(state.settings.learning_rate, gs)
+    for g in state.optimizer.param_groups:
+        g["lr"] = lr

@@ -274,6 +274,9 @@ def run(args) -> int:
         sess = sessions.SESSIONS.get(run_name)
         if sess is not None and sess.state is not None:
             sess.save_if_dirty()
+            for k in range(iteration + 1, sess.state.iteration + 1):  # updated, then interrupted before its line
+                _say(f"iteration {k}/{target} | its update is applied and saved; the rest of its prompt was "
+                     "interrupted", rank)
             iteration = sess.state.iteration
         _say(f"interrupted: run {run_name} saved at iteration {iteration} ({ckpt}); run the same command to "
              "continue", rank, file=sys.stderr)

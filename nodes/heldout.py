@@ -23,12 +23,11 @@ import comfy.samplers
 import comfy.utils
 
 from comfyui_pcpo import rewards as R
-from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, MIN_LR_SCALE, GuardConfig, GuardState,
-                                accept_best, decide, guard_of, keep_guard, lower_lr, rollback, save_best,
-                                scaled_lr)
+from comfyui_pcpo.guard import (ACTIONS, BEST_FILE, GUARD_FILE, GuardConfig, GuardState, apply_lr, apply_verdict,
+                                decide, guard_of, keep_guard)
 from comfyui_pcpo.rewards.base import RewardMix
 from comfyui_pcpo.rollout import KLToReference, rollout
-from comfyui_pcpo.run_state import CheckpointError, heldout_seed
+from comfyui_pcpo.run_state import heldout_seed
 
 from .dashboard import merge_metrics, preview, to_image_tensor
 from .export import filename_error
@@ -289,12 +288,7 @@ def guard_state(session) -> GuardState:
 
 def apply_guard_lr(session) -> None:
     """Before an update: the learning rate the guard chose (``lower_lr`` scales the node's value)."""
-    gs = guard_state(session)
-    if gs.lr_scale == 1.0:
-        return
-    lr = scaled_lr(session.state.settings.learning_rate, gs)
-    for g in session.state.optimizer.param_groups:
-        g["lr"] = lr
+    apply_lr(session.state, guard_state(session))
 
 
 def cancel_requeue(run_name: str) -> bool:
@@ -383,48 +377,18 @@ class PCPORewardGuard:
         best_path = os.path.join(session.run_dir, BEST_FILE)
         # one verdict for the run: with several processes rank 0 decides and every rank applies it
         verdict = decide(cfg, gs, state.iteration, heldout.reward, heldout.guards, heldout.kl_base, best_path)
-        lines, fields = [], {}
-        if verdict.new_best:
-            save_best(state, best_path)
-            accept_best(gs, state.iteration, heldout.reward)
-            lines.append(f"new best held-out reward {heldout.reward:.4f} at iteration {state.iteration}")
-            if best_filename:
-                from .export import PCPOExportLoRA
-                out = PCPOExportLoRA().export(session, best_filename, dtype)
-                fields["guard_best_path"] = out["result"][0]
-        elif verdict.tripped:
-            reason = "; ".join(verdict.reasons)
-            event = {"iteration": state.iteration, "reason": reason, "action": action, "to_iteration": None}
-            if verdict.rollback_to is not None:
-                if verdict.best_file_iteration != verdict.rollback_to:  # rank 0 read it; every rank refuses
-                    raise CheckpointError(
-                        f"PCPO Reward Guard: {best_path} holds iteration {verdict.best_file_iteration}, but the run's "
-                        f"best state is iteration {verdict.rollback_to}: the file does not belong to this point of run "
-                        f"{session.run_name!r} (copied in, or the run was started over by hand). Queue again with "
-                        "the file moved away to continue without that rollback target, or use a new run_name.")
-                rollback(state, best_path)  # several processes: every rank loads rank 0's best state
-                event["to_iteration"] = gs.best_iteration
-                if action == "lower_lr":
-                    if not lower_lr(gs, lr_factor):
-                        event["lr_at_floor"] = True
-                    apply_guard_lr(session)
-                    event["lr"] = scaled_lr(state.settings.learning_rate, gs)
-                lines.append(f"ROLLBACK at iteration {state.iteration} to iteration {gs.best_iteration}: {reason}")
-                if event.get("lr_at_floor"):
-                    lines.append(f"the learning rate stays at {event['lr']:.3g}, its floor (1/{1 / MIN_LR_SCALE:g} of the "
-                                 "node's value): lower_lr lowers it no further")
-            else:
-                lines.append(f"guard tripped at iteration {state.iteration} with no best state yet: {reason}")
-            if action == "stop":
-                gs.stopped_at = state.iteration
-                event["loop_cancelled"] = cancel_requeue(session.run_name)
-                lines.append("the loop stops here (queue again to continue from the restored state)")
-            gs.rollbacks.append(event)
-            fields["rollback"] = event
+
+        def export_best():
+            from .export import PCPOExportLoRA
+            return PCPOExportLoRA().export(session, best_filename, dtype)["result"][0]
+
+        outcome = apply_verdict(state, gs, cfg, verdict, heldout.reward, best_path, session.run_name,
+                                export_best=export_best if best_filename else None,
+                                stop_loop=lambda: cancel_requeue(session.run_name))
+        lines, fields = outcome.lines, outcome.fields
+        if verdict.tripped:
             for ln in lines:
                 log.warning("PCPO %s: %s", session.run_name, ln)
-        fields.update(guard_best_iteration=gs.best_iteration, guard_best=gs.best_score, guard_lr_scale=gs.lr_scale,
-                      guard_rollbacks=len(gs.rollbacks))
         merge_metrics(session, fields)
         # one commit: the guard state, the rolled-back LoRA and this iteration's metrics record go into
         # the run checkpoint together (a new best or a rollback always commits; guard.json follows)

@@ -9,7 +9,9 @@ import os
 import pytest
 import torch
 
-from comfyui_pcpo.guard import GuardConfig, GuardState, accept_best, judge, rollback, save_best
+from comfyui_pcpo.guard import (MIN_LR_SCALE, GuardConfig, GuardState, accept_best, apply_verdict, decide, judge,
+                                rollback, save_best)
+from comfyui_pcpo.run_state import CheckpointError
 from comfyui_pcpo.metrics import metrics_path, read_metrics
 from comfyui_pcpo.run_state import RunSettings, RunState, new_adapters
 
@@ -86,6 +88,58 @@ def test_rollback_restores_lora_optimizer_and_generator_exactly(tmp_path):
     _steps(state, 2, 5)
     _steps(twin, 2, 5)
     assert state_equal(copy_tensors(state), copy_tensors(twin))
+
+
+def test_apply_verdict_saves_the_best_rolls_back_to_it_and_lowers_the_lr_to_its_floor(tmp_path):
+    """The guard's verdict flow, host-free: a new best is saved and exported, a trip rolls LoRA and
+    optimizer back to it bit for bit and halves the learning rate (down to 1/64), ``stop`` drops the
+    loop, and a best file of another iteration is refused naming it."""
+    best_path = str(tmp_path / "best.safetensors")
+    state, gs = _adam_state(), GuardState()
+    cfg = GuardConfig(heldout_margin=0.1, action="lower_lr", lr_factor=0.25)
+    _steps(state, 2, 1)
+    exported = []
+    v = decide(cfg, gs, state.iteration, 0.5, {}, None, best_path)
+    out = apply_verdict(state, gs, cfg, v, 0.5, best_path, "r", export_best=lambda: exported.append(1) or "x.sft")
+    assert out.event is None and out.fields["guard_best_path"] == "x.sft" and exported == [1]
+    assert (gs.best_iteration, gs.best_score) == (2, 0.5) and os.path.isfile(best_path)
+    best = copy_tensors(state)
+    lrs = []
+    for k in range(4):
+        _steps(state, 1, 10 + k)
+        assert not state_equal(copy_tensors(state), best)
+        v = decide(cfg, gs, state.iteration, 0.1, {}, None, best_path)
+        out = apply_verdict(state, gs, cfg, v, 0.1, best_path, "r")
+        assert v.tripped and out.event["to_iteration"] == 2 and state_equal(copy_tensors(state), best)
+        lrs.append(state.optimizer.param_groups[0]["lr"])
+        assert out.event["lr"] == lrs[-1] and out.fields["guard_rollbacks"] == k + 1 == len(gs.rollbacks)
+    assert lrs == pytest.approx([1e-2 / 4, 1e-2 / 16, 1e-2 * MIN_LR_SCALE, 1e-2 * MIN_LR_SCALE])
+    assert gs.rollbacks[-1].get("lr_at_floor") and not gs.rollbacks[0].get("lr_at_floor")
+    assert any("floor" in ln for ln in out.lines) and state.iteration == 6
+
+    stop = GuardConfig(heldout_margin=0.1, action="stop")
+    v = decide(stop, gs, state.iteration, 0.1, {}, None, best_path)
+    out = apply_verdict(state, gs, stop, v, 0.1, best_path, "r", stop_loop=lambda: True)
+    assert gs.stopped_at == 6 and out.event["loop_cancelled"] is True and "stops" in out.lines[-1]
+
+    _steps(state, 1, 20)
+    save_best(state, best_path)  # a best file from another point of the run than the guard's best
+    v = decide(cfg, gs, state.iteration, 0.1, {}, None, best_path)
+    before = copy_tensors(state)
+    with pytest.raises(CheckpointError, match="best.safetensors holds iteration 7"):
+        apply_verdict(state, gs, cfg, v, 0.1, best_path, "r")
+    assert state_equal(copy_tensors(state), before)  # refused before anything was rolled back
+
+
+def test_apply_verdict_without_a_best_state_only_logs_the_trip(tmp_path):
+    state, gs = _adam_state(), GuardState(best_score=0.9, best_iteration=1)
+    cfg = GuardConfig(heldout_margin=0.1)
+    _steps(state, 1, 1)
+    before = copy_tensors(state)
+    v = decide(cfg, gs, 1, 0.1, {}, None, str(tmp_path / "none.safetensors"))
+    out = apply_verdict(state, gs, cfg, v, 0.1, str(tmp_path / "none.safetensors"), "r")
+    assert v.tripped and v.rollback_to is None and out.event["to_iteration"] is None
+    assert "no best state yet" in out.lines[0] and gs.lr_scale == 1.0 and state_equal(copy_tensors(state), before)
 
 
 # ----------------------------------------------------------------------------- ComfyUI
