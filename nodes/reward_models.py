@@ -40,8 +40,29 @@ def register_folder() -> None:
 register_folder()
 
 
+def _in_hf_model_folder(name: str, roots: list, seen: dict) -> bool:
+    """True when the file ``name`` (relative to one of ``roots``) lies inside a Hugging Face model folder: a
+    folder below the root, or one of its parents up to the root, with a ``config.json``."""
+    parts = name.replace("\\", "/").split("/")
+    for root in roots:
+        if not os.path.isfile(os.path.join(root, *parts)):
+            continue
+        for i in range(1, len(parts)):
+            d = os.path.join(root, *parts[:i])
+            if d not in seen:
+                seen[d] = os.path.isfile(os.path.join(d, "config.json"))
+            if seen[d]:
+                return True
+        return False
+    return False
+
+
 def weight_files() -> list:
-    return [f for f in folder_paths.get_filename_list(FOLDER) if f.lower().endswith(WEIGHT_EXTS)] or [NONE]
+    """The weight files in models/pcpo_rewards (and its subfolders) offered as heads/checkpoints, without those
+    inside a Hugging Face model folder (e.g. ``PickScore_v1/model.safetensors``: that folder is picked whole)."""
+    roots, seen = folder_paths.get_folder_paths(FOLDER), {}
+    return [f for f in folder_paths.get_filename_list(FOLDER)
+            if f.lower().endswith(WEIGHT_EXTS) and not _in_hf_model_folder(f, roots, seen)] or [NONE]
 
 
 def _unknown(name: str) -> bool:

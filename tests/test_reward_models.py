@@ -515,3 +515,58 @@ def test_imagereward_missing_files_name_what_and_where(pcpo, reward_dir):
     (reward_dir / "pcpo_rewards" / "IR" / "med_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="med_config.json.*THUDM/ImageReward"):
         node.load("IR/ImageReward.pt", "fp32", 2, False)
+
+
+def test_imagereward_unexpected_key_error_names_the_file_and_source(pcpo, reward_dir):
+    sd = write_tiny_imagereward(reward_dir / "pcpo_rewards" / "IR")
+    node = pcpo.nodes["PCPOImageRewardReward"]()
+    path = reward_dir / "pcpo_rewards" / "IR" / "ImageReward.pt"
+    torch.save({**sd, "blip.itm_head.weight": torch.zeros(2, 32)}, path)
+    with pytest.raises(ValueError, match=r"ImageReward: unexpected key 'blip\.itm_head\.weight' in .*IR/ImageReward\.pt"
+                       r".*ImageReward\.pt from the Hugging Face repository THUDM/ImageReward"):
+        node.load("IR/ImageReward.pt", "fp32", 2, False)
+    torch.save({**sd, "blip.visual_encoder.blocks.0.ls1.gamma": torch.zeros(64)}, path)  # an unknown ViT key
+    with pytest.raises(ValueError, match=r"unexpected key 'blip\.visual_encoder\.blocks\.0\.ls1\.gamma' in "
+                       r".*IR/ImageReward\.pt.*THUDM/ImageReward"):
+        node.load("IR/ImageReward.pt", "fp32", 2, False)
+
+
+# ----------------------------------------------------------------------------- file lists and optional packages
+
+def test_weight_file_lists_leave_out_files_inside_hf_model_folders(pcpo, reward_dir):
+    """A Hugging Face folder (config.json) is offered whole as a CLIP folder; its weight files are not heads."""
+    rewards = reward_dir / "pcpo_rewards"
+    write_tiny_hf_clip(rewards / "PickScore_v1")
+    (rewards / "PickScore_v1" / "pytorch_model.bin").write_bytes(b"")
+    write_tiny_hf_clip(rewards / "models" / "clip-vit-large-patch14")  # two levels down
+    write_aesthetic_head(rewards / "sac+logos+ava1-l14-linearMSE.pth", 8)
+    (rewards / "heads").mkdir()
+    write_aesthetic_head(rewards / "heads" / "mine.pth", 8)
+    write_tiny_imagereward(rewards / "ImageReward")  # med_config.json, not config.json: a checkpoint folder
+    for node_name, key in (("PCPOAestheticReward", "head"), ("PCPOHPSReward", "checkpoint"),
+                           ("PCPOImageRewardReward", "checkpoint")):
+        files = pcpo.nodes[node_name].INPUT_TYPES()["required"][key][0]
+        assert "sac+logos+ava1-l14-linearMSE.pth" in files and "heads/mine.pth" in files, (node_name, files)
+        assert "ImageReward/ImageReward.pt" in files, (node_name, files)
+        assert not [f for f in files if f.startswith(("PickScore_v1/", "models/"))], (node_name, files)
+    backbones = pcpo.nodes["PCPOAestheticReward"].INPUT_TYPES()["required"]["backbone"][0]
+    assert {"pcpo_rewards/PickScore_v1", "pcpo_rewards/models/clip-vit-large-patch14"} <= set(backbones)
+    assert not [b for b in backbones if b.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt"))]
+
+
+def test_broken_open_clip_import_gives_the_install_hint(pcpo, reward_dir, tmp_path, monkeypatch):
+    """open_clip installed but failing to import with another error than ImportError (here a RuntimeError, as
+    from a torchvision built for another torch) is the pack's install hint, not a raw traceback."""
+    import sys
+    fake = tmp_path / "broken_site" / "open_clip"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n',
+                                      encoding="utf-8")
+    for name in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
+        monkeypatch.delitem(sys.modules, name)  # restored after the test
+    monkeypatch.syspath_prepend(str(tmp_path / "broken_site"))
+    torch.save({}, reward_dir / "pcpo_rewards" / "HPS_v2.1_compressed.pt")
+    with pytest.raises(ImportError, match=r"open_clip_torch, which is installed but fails to import \(RuntimeError: "
+                       r"operator torchvision::nms does not exist\).*pip install open_clip_torch"):
+        pcpo.nodes["PCPOHPSReward"]().load("HPS_v2.1_compressed.pt", "ViT-H-14", "fp32", 2, False)
+    assert "open_clip" not in sys.modules

@@ -51,9 +51,34 @@ class AestheticHead(torch.nn.Module):
         return out
 
 
+V1_URL = "https://github.com/LAION-AI/aesthetic-predictor"
+RELU_KEYS = frozenset(f"layers.{i}.{p}" for i in (0, 3, 6, 9, 11) for p in ("weight", "bias"))
+
+
+def other_aesthetic_head(sd: dict) -> Optional[str]:
+    """What ``sd`` is when it is another published LAION aesthetic head rather than the v2 linear MLP (None
+    otherwise).  The key sets tell them apart: v1 is one ``Linear(768, 1)`` (``weight``, ``bias``); the ReLU
+    variant of improved-aesthetic-predictor has ReLUs between its Linears, which moves them to
+    ``layers.{0,3,6,9,11}`` (the v2 linear head: ``layers.{0,2,4,6,7}``)."""
+    keys = set(sd)
+    w = sd.get("weight")
+    if keys == {"weight", "bias"} and torch.is_tensor(w) and w.ndim == 2 and w.shape[0] == 1:
+        return (f"LAION's aesthetic predictor v1 linear head (one Linear {w.shape[1]}->1, e.g. "
+                f"sa_0_4_vit_l_14_linear.pth of {V1_URL})")
+    if keys == RELU_KEYS:
+        return ("the ReLU variant of the improved-aesthetic-predictor head (ReLUs between its Linears, keys "
+                "layers.0/3/6/9/11, e.g. ava+logos-l14-reluMSE.pth)")
+    return None
+
+
 def load_aesthetic_head(path: str) -> AestheticHead:
-    """The head file as published (768 inputs: CLIP ViT-L/14); the input width is read from the file."""
+    """The head file as published (768 inputs: CLIP ViT-L/14); the input width is read from the file.
+    Another LAION aesthetic head (v1, the ReLU variant) is refused naming what it is."""
     sd = read_state_dict(path, "aesthetic head: ")
+    other = other_aesthetic_head(sd)
+    if other is not None:
+        raise ValueError(f"aesthetic head: {path} is {other}, not the v2 MLP head this loader needs (linear, keys "
+                         f"layers.0/2/4/6/7); download {AESTHETIC_FILE} from {AESTHETIC_URL}")
     w0 = sd.get("layers.0.weight")
     in_dim = int(w0.shape[1]) if w0 is not None and w0.ndim == 2 else 768
     check_keys(sd, AestheticHead.expected_shapes(in_dim), path,
@@ -166,13 +191,21 @@ class AestheticReward(ModelReward):
         px = clip_preprocess(images, self.image["size"], self.image["crop"], self.image["mean"], self.image["std"])
         return features(bb.get_image_features(pixel_values=px.to(bb.dtype)))
 
-    def _score_batch(self, images, prompts):
+    def score_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The head part of the reward, which :meth:`score` ends in: (B, D) CLIP image embeddings (any norm)
+        -> (B,) ``head(e / |e|)``, float32 on the head's device (grad mode: the caller's)."""
         head = self.module["head"]
-        e = self.image_embeddings(images)
+        e = torch.as_tensor(embeddings)
         if e.shape[-1] != head.layers[0].in_features:
             raise ValueError(f"the CLIP vision model gives {e.shape[-1]}-d embeddings but the aesthetic head takes "
                              f"{head.layers[0].in_features}-d ones: use the OpenAI CLIP ViT-L/14 (768-d)")
+        if e.ndim != 2:
+            raise ValueError(f"image embeddings must be (batch, {head.layers[0].in_features}), got shape "
+                             f"{tuple(e.shape)}")
         return head(l2n(e.to(head.layers[0].weight))).squeeze(1)
+
+    def _score_batch(self, images, prompts):
+        return self.score_embeddings(self.image_embeddings(images))
 
 
 PICKSCORE_CONVENTIONS = {

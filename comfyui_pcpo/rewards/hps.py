@@ -19,11 +19,18 @@ OPEN_CLIP_INSTALL = "pip install open_clip_torch"
 
 
 def import_open_clip():
+    """``open_clip``, or an ImportError with the install hint: when it is missing, and when importing it fails
+    in any other way (e.g. a RuntimeError from a torchvision built for another torch)."""
     try:
         import open_clip
     except ImportError as e:
         raise ImportError(f"the HPSv2 reward needs open_clip_torch, which is not installed ({e}); in ComfyUI's Python "
                           f"environment run: {OPEN_CLIP_INSTALL}  (or pip install 'comfyui-pcpo[rewards]')") from None
+    except Exception as e:  # noqa: BLE001 - installed but broken: say so instead of a raw traceback
+        raise ImportError(f"the HPSv2 reward needs open_clip_torch, which is installed but fails to import "
+                          f"({type(e).__name__}: {str(e)[:300]}); often its torchvision was built for another torch "
+                          f"version. In ComfyUI's Python environment reinstall it: {OPEN_CLIP_INSTALL} "
+                          f"(with torchvision matching torch; or pip install 'comfyui-pcpo[rewards]')") from None
     return open_clip
 
 

@@ -51,19 +51,27 @@ def vision_key(k: str) -> str:
     raise KeyError(f"unknown BLIP vision key {k!r}")
 
 
-def split_checkpoint(sd: dict) -> tuple[dict, dict, dict]:
-    """-> (vision state dict in HF names, text state dict, head state dict ``layers.*``)."""
+def split_checkpoint(sd: dict, path: str = "", where: str = "") -> tuple[dict, dict, dict]:
+    """-> (vision state dict in HF names, text state dict, head state dict ``layers.*``).  An unknown key is
+    an error naming ``path`` (the file) and where to get the right one."""
     vision, text, head = {}, {}, {}
     for k, v in sd.items():
+        unexpected = False
         if k.startswith(VISION_PREFIX):
-            vision[vision_key(k[len(VISION_PREFIX):])] = v
+            try:
+                vision[vision_key(k[len(VISION_PREFIX):])] = v
+            except KeyError:
+                unexpected = True
         elif k.startswith(TEXT_PREFIX):
             if not k.endswith("position_ids"):
                 text[k[len(TEXT_PREFIX):]] = v
         elif k.startswith("mlp."):
             head[k[len("mlp."):]] = v
         elif not k.startswith(UNUSED):
-            raise ValueError(f"unexpected key {k!r} in the ImageReward checkpoint")
+            unexpected = True
+        if unexpected:
+            raise ValueError(f"{where}unexpected key {k!r} in {path or 'the ImageReward checkpoint'}: it is not "
+                             f"the published ImageReward checkpoint; use {IR_FILE} from {IR_URL}")
     return vision, text, head
 
 
@@ -133,7 +141,7 @@ def load_imagereward(path: str, dtype: torch.dtype = torch.float32, where: str =
         raise ValueError(f"{where}{path} is not an ImageReward checkpoint (no {[k for k in need if k not in sd][0]}); "
                          f"use {IR_FILE} from {IR_URL}")
     check_keys(sd, AestheticHead.expected_shapes(med["hidden_size"], "mlp."), path, f"Use {IR_FILE} from {IR_URL}.")
-    vision, text, head = split_checkpoint(sd)
+    vision, text, head = split_checkpoint(sd, path, where)
     vcfg, tcfg = configs(sd, med)
     with torch.device("meta"):
         model = ImageRewardModel(vcfg, tcfg)
