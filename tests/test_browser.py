@@ -290,6 +290,30 @@ def test_a_workflow_with_an_unknown_node_shows_the_missing_node_dialog(page):
     assert not [n for n in page.notices() if "missing node" in n.lower()]
 
 
+def assert_widgets_as_in(page, wf: dict, name: str) -> dict:
+    """Every node of the UI workflow ``wf`` is on the page with every widget value where the JSON
+    puts it; returns what the page holds (and its view, ``ds``)."""
+    got = page.js("""
+        const out = {};
+        for (const n of app.graph._nodes) {
+          out[n.id] = {type: n.type, values: (n.widgets || []).filter(w => w.name !== 'pcpo_status')
+                        .map(w => w.value), names: (n.widgets || []).map(w => w.name)};
+        }
+        out.ds = {scale: app.canvas.ds.scale, offset: Array.from(app.canvas.ds.offset)};
+        return out;""")
+    for n in wf["nodes"]:
+        node = got.get(str(n["id"]))
+        assert node is not None and node["type"] == n["type"], (n["id"], n["type"], node)
+        want = n.get("widgets_values", [])
+        assert len(node["values"]) == len(want), (name, n["type"], node["names"], node["values"], want)
+        for g, w in zip(node["values"], want):
+            if isinstance(w, float) or isinstance(g, float):
+                assert g == pytest.approx(w, rel=1e-9, abs=1e-12), (name, n["type"], node["values"], want)
+            else:
+                assert g == w, (name, n["type"], node["names"], node["values"], want)
+    return got
+
+
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
 def test_shipped_workflow_loads_with_its_widget_values(page, path):
     wf = _read(path)
@@ -303,30 +327,65 @@ def test_shipped_workflow_loads_with_its_widget_values(page, path):
     if dialogs:
         page.shot(f"missing_models_{path.stem}")
         page.close_dialogs()
-    got = page.js("""
-        const out = {};
-        for (const n of app.graph._nodes) {
-          out[n.id] = {type: n.type, values: (n.widgets || []).filter(w => w.name !== 'pcpo_status')
-                        .map(w => w.value), names: (n.widgets || []).map(w => w.name)};
-        }
-        out.ds = {scale: app.canvas.ds.scale, offset: Array.from(app.canvas.ds.offset)};
-        return out;""")
-    for n in wf["nodes"]:
-        node = got.get(str(n["id"]))
-        assert node is not None and node["type"] == n["type"], (n["id"], n["type"], node)
-        want = n.get("widgets_values", [])
-        assert len(node["values"]) == len(want), (path.name, n["type"], node["names"], node["values"], want)
-        for g, w in zip(node["values"], want):
-            if isinstance(w, float) or isinstance(g, float):
-                assert g == pytest.approx(w, rel=1e-9, abs=1e-12), (path.name, n["type"], node["values"], want)
-            else:
-                assert g == w, (path.name, n["type"], node["names"], node["values"], want)
+    got = assert_widgets_as_in(page, wf, path.name)
     # frontend 1.32 restores the stored view as it is (it fits the graph to the window only without one);
     # test_shipped_workflow_opens_readable checks what that view shows
     assert got["ds"]["scale"] == pytest.approx(wf["extra"]["ds"]["scale"])
     assert got["ds"]["offset"] == pytest.approx(wf["extra"]["ds"]["offset"])
     if path.stem in ("demo_tiny_pcpo", "demo_tiny_human_rating", "pcpo_flux_dev_hps_ocr"):
         page.shot(f"workflow_{path.stem}")
+
+
+# --------------------------------------------------------------------------- the template browser
+
+PACK_FOLDER = "comfyui-pcpo"  # the custom_nodes folder the server loads the pack from (its template category)
+
+
+def test_template_browser_lists_every_workflow_with_its_thumbnail_and_opens_it_with_its_values(page):
+    """Workflow -> Browse Templates: the pack's category lists every shipped UI workflow with its
+    card (workflows/<name>.jpg, loaded), and opening one loads the graph with every widget value."""
+    page.close_dialogs()
+    page.load({"last_node_id": 0, "last_link_id": 0, "nodes": [], "links": [], "groups": [], "config": {},
+               "extra": {}, "version": 0.4})
+    page.js("performance.setResourceTimingBufferSize(100000); performance.clearResourceTimings();"
+            "app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.wait("the template browser", lambda: page.js(
+        "return !!document.querySelector('[data-testid=template-workflows-content]')"), timeout=30)
+    clicked = page.wait(f"the {PACK_FOLDER} category", lambda: page.js("""
+        const els = [...document.querySelectorAll('[role=dialog] *')].filter(e => e.offsetParent !== null
+                     && e.children.length === 0 && e.textContent.trim() === arguments[0]);
+        if (!els.length) return false;
+        (els[0].closest('button, a, li, [role=button], [role=option]') || els[0]).click();
+        return true;""", PACK_FOLDER), timeout=30)
+    assert clicked
+    want = {p.stem for p in UI_WORKFLOWS}
+
+    names = page.wait("every card", lambda: (lambda got: got if set(got) >= want else False)(page.js(
+        "return [...document.querySelectorAll('[data-testid^=\"template-workflow-\"]')]"
+        ".map(c => c.dataset.testid.slice('template-workflow-'.length))")), timeout=30)
+    assert set(names) == want, sorted(set(names) ^ want)
+    # the cards load their pictures when scrolled into view: show each and wait for its picture
+    card_js = ("const c = document.querySelector(`[data-testid=\"template-workflow-${arguments[0]}\"]`);"
+               "c.scrollIntoView({block: 'center'}); const img = c.querySelector('img');"
+               "return img && img.complete ? img.naturalWidth : 0;")
+    for name in sorted(want):
+        width = page.wait(f"the card picture of {name}", lambda: page.js(card_js, name), timeout=30)
+        assert width == 512, (name, width)  # the generated card, not a broken-image placeholder
+    fetched = page.js("return performance.getEntriesByType('resource').map(e => e.name)"
+                      ".filter(u => u.includes('/api/workflow_templates/'))")
+    for name in want:
+        assert any(u.endswith(f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg") for u in fetched), (name, fetched)
+    page.shot("template_browser")
+    # opening a template loads it with every widget value
+    name = "demo_tiny_pcpo"
+    wf = _read(WORKFLOWS / f"{name}.json")
+    page.js("document.querySelector(`[data-testid=\"template-workflow-${arguments[0]}\"]`).click()", name)
+    page.wait("the template's graph", lambda: page.js("return app.graph._nodes.length") == len(wf["nodes"])
+              and not page.js("return !!document.querySelector('[data-testid=template-workflows-content]')"),
+              timeout=60)
+    page.shot("template_opened")
+    assert_widgets_as_in(page, wf, name)
+    page.close_dialogs()
 
 
 # --------------------------------------------------------------------------- layout on the page

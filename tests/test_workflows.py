@@ -106,6 +106,35 @@ def test_shipped_files_are_what_the_generator_makes(host):
         assert f"{n}.json" in readme, f"workflows/README.md does not describe {n}"
 
 
+def test_every_template_has_its_generated_thumbnail():
+    """ComfyUI's template browser shows workflows/<name>.jpg as the card of workflows/<name>.json: one
+    per UI workflow, the generator's picture (the same up to JPEG encoding), and nothing else."""
+    from PIL import Image
+    images = BW.render_images()
+    assert {f"workflows/{n}.jpg" for n in NAMES} | {BW.ICON_PATH} == set(images)
+    for rel, img in images.items():
+        path = REPO_ROOT / rel
+        assert path.is_file() and BW.same_image(path, img), f"{rel} is stale: run `python tools/build_workflows.py`"
+        with Image.open(path) as im:
+            assert im.format == ("JPEG" if rel.endswith(".jpg") else "PNG")
+    assert {p.stem for p in WORKFLOWS.glob("*.jpg")} == {p.stem for p in WORKFLOWS.glob("*.json")}
+    # the check can fail: another picture is not the same
+    other = images[f"workflows/{NAMES[0]}.jpg"].transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    assert not BW.same_image(REPO_ROOT / f"workflows/{NAMES[0]}.jpg", other)
+
+
+def test_demo_cards_show_the_real_render_and_the_others_what_they_need():
+    wfs = {m().name: m() for m in BW.WORKFLOWS}
+    assert BW.DEMO_RENDER.is_file()  # cut from tools/run_demo.py's before/after grid
+    assert BW.files_needed(wfs["demo_tiny_pcpo"]) == []
+    assert "pcpo_rewards/PickScore_v1" in BW.files_needed(wfs["pcpo_sdxl_pickscore"])
+    assert "HPS_v2.1_compressed.pt" in BW.files_needed(wfs["pcpo_flux_dev_hps_ocr"])
+    demo = BW.thumbnail(wfs["demo_tiny_pcpo"]).convert("RGB")
+    card = BW.thumbnail(wfs["pcpo_sd15_aesthetic"]).convert("RGB")
+    # the render fills the demo card's top; a card without one is flat there
+    assert len(set(demo.crop((0, 0, 512, 200)).getdata())) > 500 > len(set(card.crop((0, 70, 512, 200)).getdata()))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_is_well_formed(host, name):
     wf = _read(WORKFLOWS / f"{name}.json")

@@ -871,6 +871,134 @@ def render_all(defs: Callable[[str], NodeDef] | None = None) -> dict:
     return files
 
 
+# =========================================================================== template thumbnails
+
+# ComfyUI's template browser (Workflow -> Browse Templates, the category named after the pack's
+# folder) lists every top-level .json of workflows/ under its file name and shows workflows/<name>.jpg
+# as its card; the cards carry the readable title.  The demo cards show a real render of the demo
+# model, before and after PCPO (tools/demo_before_after.png, cut from tools/run_demo.py's grid).
+THUMB_SIZE = (512, 512)
+DEMO_RENDER = REPO_ROOT / "tools" / "demo_before_after.png"
+ICON_PATH = "docs/icon.png"
+FAMILY_COLOURS = {"SD1.5": (52, 94, 160), "SDXL": (120, 60, 150), "FLUX.1-dev": (30, 120, 110), "Demo": (170, 95, 30)}
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(draw, text: str, font, width: int) -> list:
+    lines, line = [], ""
+    for word in text.split():
+        cand = (line + " " + word).strip()
+        if draw.textlength(cand, font=font) <= width or not line:
+            line = cand
+        else:
+            lines.append(line)
+            line = word
+    return lines + ([line] if line else [])
+
+
+def files_needed(wf: Workflow) -> list:
+    """The model files a workflow's widgets name (what a user downloads before the first Run)."""
+    out = []
+    for n in wf.nodes:
+        loader = n.type.startswith("PCPO") and n.type.endswith("Reward")  # reward files and HF folders
+        for k, v in n.widgets.items():
+            if not isinstance(v, str) or v in out or v.startswith("("):
+                continue
+            if v.endswith((".safetensors", ".pth", ".pt")) or (loader and k in ("model", "head", "backbone",
+                                                                                  "checkpoint")):
+                out.append(v)
+    return out
+
+
+def thumbnail(wf: Workflow):
+    """The template card of ``wf``: family band, title, what it trains for, what it needs."""
+    from PIL import Image, ImageDraw
+    family, _, rest = wf.title.partition(": ")
+    colour = FAMILY_COLOURS.get(family, (80, 80, 80))
+    img = Image.new("RGB", THUMB_SIZE, (245, 245, 242))
+    d = ImageDraw.Draw(img)
+    w, h = THUMB_SIZE
+    top = 0
+    if family == "Demo" and DEMO_RENDER.exists():
+        render = Image.open(DEMO_RENDER).convert("RGB")
+        render = render.resize((w, round(render.height * w / render.width)), Image.LANCZOS)
+        img.paste(render.crop((0, 0, w, min(render.height, 250))), (0, 0))
+        top = min(render.height, 250)
+    d.rectangle((0, top, w, top + 64), fill=colour)
+    d.text((20, top + 12), "PCPO · " + family, font=_font(34), fill=(255, 255, 255))
+    y = top + 80
+    for ln in _wrap(d, rest, _font(30), w - 40)[:3]:
+        d.text((20, y), ln, font=_font(30), fill=(20, 20, 20))
+        y += 38
+    files = files_needed(wf)
+    need = ("needs: " + ", ".join(files)) if files else "needs: nothing to download"
+    y += 8
+    for ln in _wrap(d, need, _font(20), w - 40)[: max(1, (h - y - 96) // 26)]:
+        d.text((20, y), ln, font=_font(20), fill=(70, 70, 70))
+        y += 26
+    # the loop every workflow runs, at the bottom of the card
+    steps = ("sample", "score", "update", "LoRA")
+    bw, gap, by = (w - 40 - 3 * 22) // 4, 22, h - 70
+    for i, label in enumerate(steps):
+        x = 20 + i * (bw + gap)
+        d.rounded_rectangle((x, by, x + bw, by + 48), radius=10, fill=colour if i < 3 else (40, 40, 40))
+        d.text((x + bw // 2, by + 24), label, font=_font(22), fill=(255, 255, 255), anchor="mm")
+        if i < 3:
+            d.text((x + bw + gap // 2, by + 24), "›", font=_font(30), fill=(90, 90, 90), anchor="mm")
+    return img
+
+
+def icon():
+    """The registry icon (square): a reward curve rising over a grid."""
+    from PIL import Image, ImageDraw
+    n = 256
+    img = Image.new("RGB", (n, n), (34, 40, 49))
+    d = ImageDraw.Draw(img)
+    for i in range(1, 4):
+        d.line((i * n // 4, 24, i * n // 4, n - 24), fill=(60, 68, 80), width=2)
+        d.line((24, i * n // 4, n - 24, i * n // 4), fill=(60, 68, 80), width=2)
+    pts = [(24 + k * (n - 48) / 15, n - 40 - (n - 90) * (1 - math.exp(-k / 5)) / (1 - math.exp(-3))) for k in range(16)]
+    d.line(pts, fill=(255, 170, 40), width=10, joint="curve")
+    d.text((n // 2, n - 34), "PCPO", font=_font(40), fill=(240, 240, 240), anchor="ms")
+    return img
+
+
+def render_images() -> dict:
+    """{relative path: PIL image} for every generated picture."""
+    images = {f"workflows/{wf.name}.jpg": thumbnail(wf) for wf in (make() for make in WORKFLOWS)}
+    images[ICON_PATH] = icon()
+    return images
+
+
+def image_bytes(rel: str, img) -> bytes:
+    import io
+    buf = io.BytesIO()
+    if rel.endswith(".jpg"):
+        img.save(buf, "JPEG", quality=88, optimize=True)
+    else:
+        img.save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def same_image(path: pathlib.Path, img, tolerance: float = 3.0) -> bool:
+    """The file on disk shows ``img`` (mean absolute pixel difference below ``tolerance``: another
+    Pillow may encode the same picture into other bytes)."""
+    import io
+    from PIL import Image, ImageChops, ImageStat
+    try:
+        old = Image.open(path).convert("RGB")
+    except OSError:
+        return False
+    img = Image.open(io.BytesIO(image_bytes(str(path), img)))  # as encoded: JPEG is lossy
+    if old.size != img.size:
+        return False
+    return sum(ImageStat.Stat(ImageChops.difference(old, img.convert("RGB"))).mean) / 3 < tolerance
+
+
 def _host():
     """``tools/comfyui_host.py`` (this script's folder is on sys.path when run, not when imported)."""
     here = str(pathlib.Path(__file__).resolve().parent)
@@ -918,11 +1046,22 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(REPO_ROOT))
             from comfyui_pcpo.atomic import atomic_write_text
             atomic_write_text(str(path), text)
+    images = render_images()
+    for rel, img in images.items():
+        path = REPO_ROOT / rel
+        if path.exists() and same_image(path, img):
+            continue
+        stale.append(rel)
+        if not a.check:
+            sys.path.insert(0, str(REPO_ROOT))
+            from comfyui_pcpo.atomic import atomic_write
+            data = image_bytes(rel, img)
+            atomic_write(str(path), lambda tmp, data=data: pathlib.Path(tmp).write_bytes(data))
     if a.check:
         for rel in stale:
             print(f"stale: {rel}", file=sys.stderr)
         return 1 if stale else 0
-    for rel in files:
+    for rel in [*files, *images]:
         print(("wrote " if rel in stale else "unchanged ") + rel)
     return 0
 
