@@ -254,14 +254,36 @@ async def _requeue_when_done(srv, prompt_id: str) -> None:
     runs = ", ".join(entry["markers"])
     if not ok:
         log.info("PCPO %s: loop stopped (%s)", runs, why)
+        await _checkpoint_stopped(srv, entry)
         if why == "interrupted":
             _tell_cancelled(srv, entry)
         return
     if _interrupted():  # a Cancel right after the prompt ended
         log.info("PCPO %s: loop stopped (interrupted)", runs)
+        await _checkpoint_stopped(srv, entry)
         _tell_cancelled(srv, entry)
         return
     await _queue(srv, prompt_id, entry)
+
+
+async def _checkpoint_stopped(srv, entry: dict) -> None:
+    """A loop that stops checkpoints its runs: a Cancel that lands after the update, in a later node
+    (export, held-out evaluation), left the completed iteration's commit to that node.  Only while no
+    prompt runs (the next one may be training the same run), in a worker thread (not on the loop)."""
+    from . import session as session_mod
+    queue = srv.prompt_queue
+    with queue.mutex:
+        if queue.currently_running:
+            return
+    for run in entry["markers"]:
+        sess = session_mod.SESSIONS.get(run)
+        if sess is not None and getattr(sess, "state", None) is not None:
+            try:
+                if await asyncio.to_thread(sess.save_if_dirty):
+                    log.info("PCPO %s: checkpointed at iteration %d after the loop stopped", run,
+                             sess.state.iteration)
+            except Exception:
+                log.exception("PCPO %s: the checkpoint after the loop stopped failed", run)
 
 
 def _tell_cancelled(srv, entry: dict) -> None:
