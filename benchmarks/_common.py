@@ -38,6 +38,10 @@ class Host:
     def prompts(self, per_iteration: int, seed: int = 0):
         return self.N["PCPOPrompts"]().build(self.clip, self.captions, "(none)", "", per_iteration, seed)[0]
 
+    def fixed_prompt(self, text: str):
+        """A prompt source that draws ``text`` at every iteration."""
+        return self.N["PCPOPrompts"]().build(self.clip, text, "(none)", "", 1, 0)[0]
+
     def rollout(self, sess, prompts, group_size: int, steps: int = 10, seed: int = 0, variant: str = "uw-sigma",
                 scheduler: str = "simple", eta: float = 1.0, cfg: float = 4.0):
         with torch.inference_mode():

@@ -130,3 +130,50 @@ def test_non_finite_result_is_a_failure(tmp_path):
     assert mod.finish(str(out), {"x": 1}, {"ok": 1.0, "loss": float("inf")}) == 1
     assert json.loads(out.read_text()) == {"x": 1}
     assert mod.finish(str(out), {"x": 2}, {"ok": 1.0}) == 0
+
+
+def test_variance_smoke_records_each_arms_gradient_of_one_unmoved_model_state(tmp_path):
+    data, p = smoke("variance.py", tmp_path)
+    assert set(data["cells"]) == {"d50/base", "flow-constant/trained"}
+    for key, cell in data["cells"].items():
+        assert cell["lora_moved"] == 0.0, key  # the lr-0 optimizer: every gradient of the same model state
+        assert cell["bin_sum_error"] < 1e-6, key  # the timestep bins' parts add up to the gradient
+        arms = cell["arms"]
+        n = data["config"]["groups"]
+        for arm, a in arms.items():
+            G = a["gram"]
+            assert len(G) == len(a["groups"]) and all(len(r) == len(G) for r in G)
+            assert all(G[i][i] > 0 for i in range(len(G))), (key, arm)  # the rewards differ within every group
+            assert a["first_update_log_ratio"] < 1e-4  # the gradient pass replays the rollout (on-policy)
+        full = {a for a, v in arms.items() if len(v["groups"]) == n}
+        assert full == ({"pcpo-uw-sigma", "pcpo-uw-lambda", "grpo-clip"} if key.startswith("d50") else
+                        {"pcpo", "grpo-clip"}), (key, full)
+        # on the first update ddpo's gradient equals grpo-clip's (rho = 1): the same |g|^2 on the same groups
+        k = len(arms["ddpo"]["groups"])
+        assert 0 < k < n
+        for i in range(k):
+            assert arms["ddpo"]["gram"][i][i] == pytest.approx(arms["grpo-clip"]["gram"][i][i], rel=1e-6)
+        if key.startswith("flow"):  # one rollout for both arms: pcpo's gradient is another weighting of it
+            assert arms["pcpo"]["rewards"] == arms["grpo-clip"]["rewards"]
+            assert arms["pcpo"]["gram"][0][0] != pytest.approx(arms["grpo-clip"]["gram"][0][0], rel=1e-3)
+    assert "inverse SNR ratio" in p.stdout and "share of a group's gradient norm" in p.stdout
+
+
+def test_collapse_smoke_evaluates_every_arm_from_the_same_base_model(tmp_path):
+    data, p = smoke("collapse.py", tmp_path)
+    jobs = data["jobs"]
+    assert set(jobs) == {f"{a}/0" for a in ("pcpo", "grpo-clip", "pcpo@aggressive", "grpo-clip@aggressive")}
+    cfg = data["config"]
+    for key, j in jobs.items():
+        assert [e["iteration"] for e in j["evals"]] == list(range(0, cfg["iterations"] + 1, cfg["eval_every"]))
+        assert len(j["rewards"]) == cfg["iterations"]
+        for e in j["evals"]:
+            assert finite(e["reward"], e["fd"], e["diversity"]) and e["fd"] > 0 and e["diversity"] > 0
+        assert j["lr"] == (cfg["aggressive_lr"] if key.endswith("@aggressive/0") else cfg["lr"])
+    # iteration 0 is the base model with the evaluation's fixed noise: the same numbers for every arm
+    base = {json.dumps(j["evals"][0]["fd"]) for j in jobs.values()}
+    assert len(base) == 1
+    # training moved the LoRA: the evaluations after it differ from the base model's
+    assert all(j["evals"][-1]["fd"] != j["evals"][0]["fd"] for j in jobs.values())
+    assert data["true_diversity"] > 0
+    assert "difference PCPO - grpo-clip" in p.stdout
