@@ -412,7 +412,6 @@ def main(argv=None) -> int:
     todo = [k for k in keys if k not in data["jobs"]]
     print(f"{len(todo)} jobs to run on {args.workers} worker process(es)", flush=True)
     t0, wall0, stop_at = time.time(), data.get("wall_s", 0.0), stop_time(args.stop_at)
-    global _HOST, _EVAL
     if todo and args.workers <= 1:
         _worker_init(args.regime, args.threads, cfg)
         data["true_diversity"] = _EVAL.true_div

@@ -79,7 +79,7 @@ def main() -> int:
     for name, levels, vals in (("Gaussian noise std", NOISE, s["noise"]), ("blur sigma (px)", BLUR, s["blur"]),
                                ("shape colours kept", KEEP, s["dropped_modes"])):
         print(f"| {name} | " + " | ".join(f"{v:g}" for v in levels) + " |")
-        print(f"| FD | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
+        print("| FD | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
     true_div = de.within_caption_diversity(f_ref, caps)
     half = np.repeat(de.true_images(caps[::2], seed=11), 2, axis=0)
     one = np.repeat(de.true_images(caps[::8], seed=9), 8, axis=0)
