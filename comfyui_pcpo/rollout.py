@@ -14,6 +14,8 @@ from .trajectory import Trajectory
 PredictFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (b,*L), sigma (b,)) -> pred
 NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]  # (step i, x) -> standard normal noise shaped like x
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (i, x, sigma, pred)
+# (x, grid segment (n+1,) float64 descending) -> x at the segment's end: a deterministic ODE solver
+OdeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def cpu_noise(generator: torch.Generator) -> NoiseFn:
@@ -70,6 +72,31 @@ def rollout(predict: PredictFn, plan: StepPlan, x_init: torch.Tensor, noise,
     if not record:
         return x, None
     return x, {"latents": torch.stack(lat, 1), "eps_old": torch.stack(epss, 1), "pred_old": torch.stack(preds, 1)}
+
+
+def windowed_rollout(predict: PredictFn, plan: StepPlan, grid: torch.Tensor, x_init: torch.Tensor, noise,
+                     ode: Optional[OdeFn] = None, **kw):
+    """:func:`rollout` of an SDE window's ``plan`` (``plan.window``, see ``sde_window``) inside the
+    whole sampling ``grid`` (N+1,): the deterministic solver ``ode`` integrates from grid[0] to the
+    window's first grid point, the window's steps run and are recorded exactly as :func:`rollout`
+    records them, and ``ode`` integrates from the window's last grid point to grid[N].  A plan without
+    a window is the full SDE rollout (``ode`` unused).  ``kw`` go to :func:`rollout`.  Returns
+    (x_final, record of the window's steps or None)."""
+    win = plan.window
+    if win is None:
+        return rollout(predict, plan, x_init, noise, **kw)
+    grid = torch.as_tensor(grid, dtype=torch.float64).flatten().cpu()
+    if grid.numel() != win.grid_steps + 1 or not torch.equal(grid[win.start:win.end + 1], plan.sigmas):
+        raise ValueError("the SDE window's plan does not lie on this sampling grid")
+    if ode is None:
+        raise ValueError("an SDE window needs a deterministic solver for the steps outside it (ode)")
+    x = x_init
+    if win.start > 0:
+        x = ode(x, grid[:win.start + 1])
+    x, rec = rollout(predict, plan, x, noise, **kw)
+    if win.end < win.grid_steps:
+        x = ode(x, grid[win.end:])
+    return x, rec
 
 
 class KLToReference:

@@ -8,6 +8,19 @@ Rollout variants (diffusion):
   * ``uw-lambda`` : DDIM(eta) rollout of eps_ref + lambda_t (eps_theta - eps_ref),
                     lambda_t = w_bar / w_t, so the exact log-ratio weight of eps_theta is w_bar.
 Flow models keep their sampler (rule ``constant`` eta or ``flow-grpo`` a); PCPO weight zeta * dt_i.
+
+SDE windows (``window``, see ``sde_window``): only the window's W steps are stochastic; the plan
+then covers those steps alone (``sigmas`` is the (W+1,) slice of the grid, ``info["window"]`` says
+where it lies) and PCPO's proportionate weights are renormalised to them, in the terms of
+``spec/pcpo-math.md`` section 4b:
+
+* diffusion: w_bar_W = mean of the native DDIM(eta) weights w_t over the window's steps (the whole
+  grid's w_bar when the window is the grid); uw-sigma's loss scale and uw-lambda's lambda_t =
+  w_bar_W / w_t use it;
+* flow: zeta_W = sum of the native weights w_i over the window, T_W = t_start - t_end the window's
+  share of generation time, w_i = zeta_W * dt_i / T_W: credit per unit time uniform inside the
+  window and the window's total native credit preserved (on a full grid from t = 1 to 0, T = 1
+  and this is zeta * dt_i).
 """
 from __future__ import annotations
 
@@ -15,7 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from typing import Optional
+
 from . import credit_weights as weights, schedules, transition_kernels as kernels
+from .sde_window import Window
 
 F64 = torch.float64
 VARIANTS = ("uw-sigma", "uw-lambda", "native")
@@ -50,6 +66,16 @@ class StepPlan:
     def num_steps(self) -> int:
         return int(self.std.numel())
 
+    @property
+    def window(self) -> Optional[Window]:
+        """Where the plan's steps lie in the sampling grid (an SDE window), or None: the whole grid."""
+        return Window.from_dict(self.info.get("window"))
+
+    def grid_step(self, i: int) -> int:
+        """Step i of the plan as a step of the whole sampling grid."""
+        w = self.window
+        return int(i) + (w.start if w is not None else 0)
+
     def trainable_steps(self) -> torch.Tensor:
         """Indices of steps that carry a log-ratio (std > 0), ascending."""
         return torch.nonzero(self.std > 0).flatten()
@@ -65,8 +91,10 @@ class StepPlan:
         return cls(**d)
 
 
-def diffusion_plan(sigmas, eta: float = 1.0, variant: str = "uw-sigma", w_star: float = 4.5) -> StepPlan:
-    """Plan for an eps/v/x0 model on ComfyUI sigmas (N+1,) (last usually 0)."""
+def diffusion_plan(sigmas, eta: float = 1.0, variant: str = "uw-sigma", w_star: float = 4.5,
+                   window: Optional[Window] = None) -> StepPlan:
+    """Plan for an eps/v/x0 model on ComfyUI sigmas (N+1,) (last usually 0); with ``window``, the
+    plan of the window's steps (module doc)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown rollout variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if eta <= 0:
@@ -79,7 +107,8 @@ def diffusion_plan(sigmas, eta: float = 1.0, variant: str = "uw-sigma", w_star: 
     if not bool((up_native > 0).any()):
         raise no_trainable_step_error(sig)
     w_nat_ddim = weights.sigma_native_weights(sig, up_native)
-    wbar = weights.w_bar(w_nat_ddim)
+    sel = _window_slice(window, s.numel())
+    wbar = weights.w_bar(w_nat_ddim[sel])
     info = {"w_bar": wbar}
     if variant == "uw-sigma":
         a, ap = schedules.abar_from_sigma(s), schedules.abar_from_sigma(sn)
@@ -97,11 +126,14 @@ def diffusion_plan(sigmas, eta: float = 1.0, variant: str = "uw-sigma", w_star: 
         # log-ratio weight is w_t * lambda_t = w_bar
         lam = weights.uw_lambda(w_nat, wbar)
         w_nat = w_nat * lam
-    return StepPlan("diffusion", variant, sig, up, torch.zeros_like(up), w_nat, w_loss, lam, float(eta), info=info)
+    plan = StepPlan("diffusion", variant, sig, up, torch.zeros_like(up), w_nat, w_loss, lam, float(eta), info=info)
+    return _restrict(plan, window)
 
 
-def flow_plan(ts, noise_rule: str = "constant", level: float = 0.3, variant: str = "native") -> StepPlan:
-    """Plan for a rectified-flow model on a descending t grid (N+1,) ending at 0."""
+def flow_plan(ts, noise_rule: str = "constant", level: float = 0.3, variant: str = "native",
+              window: Optional[Window] = None) -> StepPlan:
+    """Plan for a rectified-flow model on a descending t grid (N+1,) ending at 0; with ``window``,
+    the plan of the window's steps (module doc)."""
     if noise_rule not in FLOW_NOISE_RULES:
         raise ValueError(f"unknown flow noise rule {noise_rule!r}; choose one of {', '.join(FLOW_NOISE_RULES)}")
     if level <= 0:
@@ -116,13 +148,36 @@ def flow_plan(ts, noise_rule: str = "constant", level: float = 0.3, variant: str
     dt = t[:-1] - t[1:]
     std = sig * dt.sqrt()
     w_nat = weights.flow_native_weights(t, sig)
-    z = weights.zeta(w_nat)
+    sel = _window_slice(window, dt.numel())
+    z = weights.zeta(w_nat[sel])
     w_loss = weights.flow_pcpo_weights(t, z)
+    if window is not None:  # zeta_W dt_i / T_W: the window's credit, uniform per unit time inside it
+        w_loss = w_loss / float(t[window.start] - t[window.end])
     lam = torch.ones_like(std)
     if variant == "uw-lambda":
         lam = w_loss / w_nat
         w_nat = w_loss.clone()
-    return StepPlan("flow", variant, t, std, sig, w_nat, w_loss, lam, float(level), noise_rule, {"zeta": z})
+    plan = StepPlan("flow", variant, t, std, sig, w_nat, w_loss, lam, float(level), noise_rule, {"zeta": z})
+    return _restrict(plan, window)
+
+
+def _window_slice(window: Optional[Window], steps: int) -> slice:
+    if window is None:
+        return slice(None)
+    if window.grid_steps != steps or window.start < 0 or window.size < 1 or window.end > steps:
+        raise ValueError(f"SDE window {window.to_dict()} does not fit a grid of {steps} steps")
+    return slice(window.start, window.end)
+
+
+def _restrict(plan: StepPlan, window: Optional[Window]) -> StepPlan:
+    """The plan of the window's steps alone: the (W+1,) grid slice and the W steps' tensors."""
+    if window is None:
+        return plan
+    a, b = window.start, window.end
+    info = dict(plan.info, window=window.to_dict())
+    return StepPlan(plan.family, plan.variant, plan.sigmas[a:b + 1].clone(), plan.std[a:b].clone(),
+                    plan.noise_level[a:b].clone(), plan.w_native[a:b].clone(), plan.w_loss[a:b].clone(),
+                    plan.lam[a:b].clone(), plan.eta, plan.noise_rule, info)
 
 
 def no_trainable_step_error(sigmas) -> ValueError:

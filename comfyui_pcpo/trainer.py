@@ -54,11 +54,13 @@ class PCPOConfig:
 
 
 def candidate_steps(traj: Trajectory) -> torch.Tensor:
-    """Trainable steps: stochastic ones, without the final step of the grid (reference default)."""
+    """Trainable steps: stochastic ones, without the final step of the grid (reference default).
+    An SDE window's plan never holds that step (``sde_window``): all its steps are candidates."""
     steps = traj.plan.trainable_steps()
     if steps.numel() == 0:
         raise no_trainable_step_error(traj.plan.sigmas)
-    last = traj.num_steps - 1
+    win = traj.plan.window
+    last = traj.num_steps - 1 if win is None else win.grid_steps - 1 - win.start
     keep = steps[steps != last]
     return keep if keep.numel() > 0 else steps
 

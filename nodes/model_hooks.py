@@ -281,7 +281,8 @@ class _CallbackSampler(comfy.samplers.Sampler):
 def run_in_guider(model, positive, negative, cfg: float, latent_shape, sigmas, fn, seed: int = 0):
     """Prepare ``model`` and the conditioning exactly as sampling does, then call
     ``fn(predict)`` where ``predict(x, sigma (b,)) -> denoised x0`` is ComfyUI's guidance-combined
-    model call.  Returns fn's result."""
+    model call.  ``predict.k_model`` and ``predict.extra_args`` are that call as ComfyUI's
+    k-diffusion sampler functions take it (``k_sample`` runs one of them).  Returns fn's result."""
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
@@ -289,6 +290,9 @@ def run_in_guider(model, positive, negative, cfg: float, latent_shape, sigmas, f
     def inner(model_wrap, extra_args):
         def predict(x, sigma):
             return model_wrap(x, sigma.to(x.device, x.dtype), **extra_args)
+        wrap = getattr(comfy.samplers, "KSamplerX0Inpaint", None)  # as KSAMPLER wraps the guider
+        predict.k_model = wrap(model_wrap, torch.as_tensor(sigmas)) if wrap is not None else model_wrap
+        predict.extra_args = dict(extra_args, denoise_mask=None)
         return fn(predict)
 
     s = _CallbackSampler(inner)

@@ -18,7 +18,8 @@ import comfy.utils
 from comfyui_pcpo import distributed
 from comfyui_pcpo.step_plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, check_training_schedule, diffusion_plan,
                                 flow_plan, prediction_from_denoised)
-from comfyui_pcpo.rollout import make_trajectory, rollout
+from comfyui_pcpo.rollout import make_trajectory, rollout, windowed_rollout
+from comfyui_pcpo.sde_window import WINDOW_SCHEDULES, place_window
 from comfyui_pcpo.run_state import rollout_generator, step_noise_seed
 from comfyui_pcpo.trajectory import Trajectory
 from comfyui_pcpo.validate import memory_error, memory_estimate
@@ -50,10 +51,39 @@ class RolloutBatch:
         return self.traj.sample_prompts()
 
 
-def make_plan(family: ModelFamily, sigmas, eta: float, variant: str, flow_rule: str) -> StepPlan:
+def make_plan(family: ModelFamily, sigmas, eta: float, variant: str, flow_rule: str, window=None) -> StepPlan:
     if family.kind == "diffusion":
-        return diffusion_plan(sigmas, eta=eta, variant=variant)
-    return flow_plan(sigmas, noise_rule=flow_rule, level=eta, variant="uw-lambda" if variant == "uw-lambda" else "native")
+        return diffusion_plan(sigmas, eta=eta, variant=variant, window=window)
+    return flow_plan(sigmas, noise_rule=flow_rule, level=eta, variant="uw-lambda" if variant == "uw-lambda" else "native",
+                     window=window)
+
+
+# ComfyUI's deterministic k-diffusion samplers (no noise added after the initial one), in the order
+# offered; a host that lacks one does not offer it
+ODE_SAMPLER_CANDIDATES = ("euler", "heun", "dpmpp_2m", "dpm_2", "lms", "ipndm", "deis", "res_multistep")
+
+
+def ode_samplers() -> list:
+    """The deterministic samplers this host has, by ComfyUI's names."""
+    import comfy.k_diffusion.sampling as kds
+    return [n for n in ODE_SAMPLER_CANDIDATES if callable(getattr(kds, f"sample_{n}", None))]
+
+
+def k_solver(name: str, predict, on_step=None):
+    """``comfyui_pcpo.rollout.OdeFn`` running ComfyUI's sampler function ``sample_<name>`` on a grid
+    segment with the guider's model call (``predict.k_model``: as KSampler runs it); ``on_step()``
+    after each step (progress, Cancel)."""
+    import comfy.k_diffusion.sampling as kds
+    fn = getattr(kds, f"sample_{name}", None)
+    if name not in ODE_SAMPLER_CANDIDATES or fn is None:
+        raise ValueError(f"ode_sampler {name!r} is not a deterministic sampler of this ComfyUI; choose one of "
+                         f"{', '.join(ode_samplers())}")
+
+    def solve(x, segment):
+        cb = (lambda _d: on_step()) if on_step is not None else None
+        return fn(predict.k_model, x, segment.to(x.device, torch.float32), extra_args=predict.extra_args,
+                  callback=cb, disable=True)
+    return solve
 
 
 def latent_shape_for(model, latent, width: int, height: int) -> tuple:
@@ -225,6 +255,9 @@ class PCPOTrajectorySampler:
                                   "have 2 or more steps. One that starts below sigma_max (SplitSigmas second half, "
                                   "denoise below 1) denoises the LATENT from noise * sigmas[0]; without a LATENT image "
                                   "it starts from that noise alone, as KSampler does with an empty latent."}),
+            "sde_window": ("PCPO_SDE_WINDOW", {"tooltip": "Faster iterations: wire PCPO SDE Window to make only a few "
+                           "steps random and trained, the rest a fast deterministic sampler. Unwired: every step "
+                           "is random and trained (the original PCPO rollout)."}),
         }, "hidden": {"prompt": "PROMPT"}}
 
     @classmethod
@@ -238,7 +271,7 @@ class PCPOTrajectorySampler:
 
     def sample(self, session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule, scheduler,
                width, height, groups, prompts=None, positive=None, negative=None, latent=None, sigmas=None,
-               prompt=None):
+               sde_window=None, prompt=None):
         check_prompt(prompt, getattr(session, "run_name", None))  # the first node that runs every iteration
         if group_size < 2:
             raise ValueError("group_size must be at least 2: PCPO compares samples of the same prompt "
@@ -253,7 +286,7 @@ class PCPOTrajectorySampler:
             with training_flag():  # the numerics of the gradient pass
                 out = self._sample(session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule,
                                    scheduler, width, height, groups, prompts, positive, negative, latent, sigmas,
-                                   prompt_micro_batch(prompt))
+                                   prompt_micro_batch(prompt), sde_window)
             out[1].started = started
             return out
         except comfy.model_management.InterruptProcessingException:
@@ -261,7 +294,7 @@ class PCPOTrajectorySampler:
             raise
 
     def _sample(self, session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule, scheduler,
-                width, height, groups, prompts, positive, negative, latent, sigmas, micro_batch=None):
+                width, height, groups, prompts, positive, negative, latent, sigmas, micro_batch=None, window=None):
         model = session.model
         fam = session.family
         ms = model.get_model_object("model_sampling")
@@ -271,6 +304,13 @@ class PCPOTrajectorySampler:
         plan = check_training_schedule(make_plan(fam, sig, eta, rollout_variant, flow_noise_rule))
         shape = latent_shape_for(model, latent, width, height)
         iteration = session.iteration
+        window = dict(window or {})
+        solver = window.pop("solver", "euler")
+        win = place_window(window.get("size", 0), plan.num_steps, window.get("schedule", "fixed"), iteration, seed,
+                           window.get("start", 0), window.get("slide_every", 1))
+        if win is not None:  # only the window's steps are stochastic, recorded and trained
+            k_solver(solver, None)  # an unknown solver fails before any work
+            plan = make_plan(fam, sig, eta, rollout_variant, flow_noise_rule, window=win)
 
         rank, world = distributed.context()
         if prompts is not None:
@@ -295,7 +335,7 @@ class PCPOTrajectorySampler:
         G = int(group_size)
         sigma0 = float(sig[0])
         max_denoise = math.isclose(float(ms.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(ms.sigma_max)
-        pbar = comfy.utils.ProgressBar(len(conds) * plan.num_steps)
+        pbar = comfy.utils.ProgressBar(len(conds) * (plan.window.grid_steps if plan.window else plan.num_steps))
         records, finals = [], []
         first_group = distributed.group_offset(len(conds))  # groups are disjoint across ranks
         for g, (pos, neg) in enumerate(conds):
@@ -306,8 +346,9 @@ class PCPOTrajectorySampler:
 
             def fn(predict, x_init=x_init, gen=gen):
                 pred, ref = policy_and_base(plan, predict, session.adapters)
-                return rollout(pred, plan, x_init.to(model.load_device), gen, predict_ref=ref,
-                               callback=step_progress(pbar))
+                ode = k_solver(solver, predict, lambda: step_progress(pbar)(0, None)) if win is not None else None
+                return windowed_rollout(pred, plan, sig, x_init.to(model.load_device), gen, ode=ode, predict_ref=ref,
+                                        callback=step_progress(pbar))
 
             xf, rec = run_in_guider(model, pos, neg, cfg, (G, *shape), sig.float(), fn, seed=seed)
             records.append(rec)
@@ -316,7 +357,9 @@ class PCPOTrajectorySampler:
         gid = torch.arange(len(conds)).repeat_interleave(G)
         traj = make_trajectory(records, plan, gid, gid, texts,
                                {"arch": fam.arch, "cfg": cfg, "seed": seed, "iteration": iteration,
-                                "variant": rollout_variant, "eta": eta, "flow_noise_rule": flow_noise_rule})
+                                "variant": rollout_variant, "eta": eta, "flow_noise_rule": flow_noise_rule,
+                                "sde_window": win.to_dict() if win is not None else None,
+                                "ode_sampler": solver if win is not None else None})
         traj = traj.pin_memory()  # stays on the CPU; each micro-batch moves to the device in the update
         batch = RolloutBatch(traj, conds, float(cfg), shape, session.run_name, iteration, uuid.uuid4().hex, fam,
                              session.token)
@@ -380,6 +423,48 @@ class PCPOSampler:
                                                       "flow_noise_rule": flow_noise_rule}),)
 
 
-NODE_CLASS_MAPPINGS = {"PCPOTrajectorySampler": PCPOTrajectorySampler, "PCPOSampler": PCPOSampler}
+class PCPOSDEWindow:
+    CATEGORY = "PCPO"
+    FUNCTION = "window"
+    RETURN_TYPES = ("PCPO_SDE_WINDOW",)
+    RETURN_NAMES = ("sde_window",)
+    OUTPUT_TOOLTIPS = ("Into the Trajectory Sampler's sde_window input.",)
+    DESCRIPTION = ("Faster iterations (MixGRPO): only a few sampling steps add noise, are recorded and are trained; "
+                   "every other step runs a fast deterministic ComfyUI sampler. The LoRA Update then trains those "
+                   "few steps instead of all of them, so an iteration takes a fraction of the time. Steps count as "
+                   "in KSampler; the last step is never in the window.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "window_steps": ("INT", {"default": 3, "min": 1, "max": 200, "tooltip":
+                                     "How many steps are random and trained (2-4 is typical). The more, the more "
+                                     "each iteration learns and the longer it takes; as many as the sampler's steps "
+                                     "minus 1 means every step (the original PCPO rollout)."}),
+            "schedule": (list(WINDOW_SCHEDULES), {"default": "sliding", "tooltip":
+                         "Where the window sits in each iteration. sliding (MixGRPO): starts at window_start and "
+                         "moves one step later every slide_every iterations, wrapping around. random: a new random "
+                         "place every iteration. fixed: always at window_start."}),
+            "window_start": ("INT", {"default": 0, "min": 0, "max": 199, "tooltip":
+                                     "First random step of the window (0 = the first, noisiest step). fixed: where "
+                                     "the window stays; sliding: where it begins; random: unused."}),
+            "slide_every": ("INT", {"default": 5, "min": 1, "max": 10000, "tooltip":
+                                    "sliding only: the window moves one step later every this many iterations. "
+                                    "Resumed runs continue where they were (it follows the run's iteration count)."}),
+            "ode_sampler": (ode_samplers(), {"default": "euler", "tooltip":
+                            "The deterministic ComfyUI sampler for the steps outside the window. euler and dpmpp_2m "
+                            "cost one model call per step; heun and dpm_2 two (more accurate at few steps)."}),
+        }}
+
+    def window(self, window_steps, schedule, window_start, slide_every, ode_sampler):
+        place_window(window_steps, 10 ** 6, schedule, 0, 0, 0, slide_every)  # the inputs alone, checked now
+        k_solver(ode_sampler, None)
+        return ({"size": int(window_steps), "schedule": schedule, "start": int(window_start),
+                 "slide_every": int(slide_every), "solver": ode_sampler},)
+
+
+NODE_CLASS_MAPPINGS = {"PCPOTrajectorySampler": PCPOTrajectorySampler, "PCPOSampler": PCPOSampler,
+                       "PCPOSDEWindow": PCPOSDEWindow}
 NODE_DISPLAY_NAME_MAPPINGS = {"PCPOTrajectorySampler": "PCPO Trajectory Sampler",
-                              "PCPOSampler": "PCPO SDE Sampler (for SamplerCustom)"}
+                              "PCPOSampler": "PCPO SDE Sampler (for SamplerCustom)",
+                              "PCPOSDEWindow": "PCPO SDE Window (faster iterations)"}

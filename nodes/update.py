@@ -167,6 +167,9 @@ class PCPOLoRAUpdate:
         summary.update(objective=objective, reward=rewards.name, skipped_steps=stats["skipped_steps"],
                        precision=session.options.precision.name,
                        flow_noise_rule=str(traj.meta.get("flow_noise_rule", "constant")))
+        win = traj.plan.window
+        if win is not None:  # the SDE window this iteration trained: its first and last step of the grid
+            summary.update(sde_window_first_step=win.start, sde_window_last_step=win.end - 1)
         human = getattr(rewards, "human", None)
         if human is not None:  # what shows progress under human ratings (their mean is 0 by construction)
             summary.update(H.tracking_fields(state.history, human["rated_groups"], human["groups"],

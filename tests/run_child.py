@@ -3,7 +3,7 @@ tests (tests/test_run_exact.py).  Not a test module.
 
     python tests/run_child.py --base DIR --iterations N [--kill-at update|checkpoint|export|write
                               --kill-iteration K [--kill-write W]] [--dump FILE] [--optimizer AdamW]
-                              [--alpha 4] [--guard] [--human]
+                              [--alpha 4] [--guard] [--human] [--window]
 
 Each executed prompt is one iteration of ``graph()`` (PCPO LoRA with resume on -> Trajectory
 Sampler -> VAE Decode -> Reward Scorer -> LoRA Update -> Export), as the LoRA Update node's
@@ -19,7 +19,8 @@ rating registry the page's routes use (best: the image id that sorts first, wors
 ``--full-disk-iteration K`` runs the prompt of iteration K with a file-size limit
 (``--full-disk-bytes``, default 128 KiB) that lets log lines through and fails the checkpoint's
 write, as a nearly full disk does, prints the prompt's error and goes on.  ``--dump`` writes the final run state (LoRA, optimizer state, generator state, export file) as
-safetensors for comparison.
+safetensors for comparison.  ``--window`` samples 6 steps with a 2-step SDE window that slides every
+iteration (dpmpp_2m outside it).
 """
 from __future__ import annotations
 
@@ -39,8 +40,13 @@ EXPORT = "pcpo/child_run"
 
 
 def graph(optimizer: str = "AdamW", alpha: float = 4.0, export: str = EXPORT, guard: bool = False,
-          human: bool = False) -> dict:
+          human: bool = False, window: bool = False) -> dict:
     g = _graph(optimizer, alpha, export)
+    if window:
+        g["12"] = {"class_type": "PCPOSDEWindow", "inputs": {"window_steps": 2, "schedule": "sliding",
+                                                             "window_start": 0, "slide_every": 1,
+                                                             "ode_sampler": "dpmpp_2m"}}
+        g["5"]["inputs"].update(steps=6, sde_window=["12", 0])
     if guard:
         g["10"] = {"class_type": "PCPOHeldOutEvaluation", "inputs": {
             "session": ["2", 1], "clip": ["1", 1], "vae": ["1", 2], "prompts": "a blue square\na green circle",
@@ -229,6 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", default=None)
     ap.add_argument("--optimizer", default="AdamW")
     ap.add_argument("--alpha", type=float, default=4.0)
+    ap.add_argument("--window", action="store_true")
     a = ap.parse_args(argv)
 
     import torch
@@ -248,7 +255,7 @@ def main(argv=None) -> int:
     if a.human:
         pack.mod("nodes.human_routes").register_with_server = lambda: True
         start_rater()
-    prompt = graph(a.optimizer, a.alpha, guard=a.guard, human=a.human)
+    prompt = graph(a.optimizer, a.alpha, guard=a.guard, human=a.human, window=a.window)
     executor = H.new_executor(fresh=True)
     ckpt = pathlib.Path(dirs["output"]) / "pcpo" / RUN / "checkpoint.safetensors"
     while True:

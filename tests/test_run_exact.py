@@ -424,6 +424,23 @@ def test_kill_at_any_point_and_resume_is_bit_identical(tmp_path):
     assert sorted(p.name for p in loras.iterdir()) == ["child_run.safetensors"]
 
 
+def test_kill_mid_run_with_a_sliding_sde_window_resumes_bit_identically(tmp_path):
+    """A run with a 2-step SDE window sliding every iteration (dpmpp_2m outside it), killed in the
+    second optimizer step of iteration 2 and between the checkpoint's temp file and its rename in
+    iteration 3, resumes to the uninterrupted run's state bit for bit; the window moved every
+    iteration (its place follows the committed iteration count)."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _child(ref, 4, "--window", "--dump", str(tmp_path / "ref.safetensors"))
+    _child(run, 4, "--window", "--kill-at", "update", "--kill-iteration", "2", expect_kill=True)
+    _child(run, 4, "--window", "--kill-at", "checkpoint", "--kill-iteration", "3", expect_kill=True)
+    _child(run, 4, "--window", "--dump", str(tmp_path / "run.safetensors"))
+    _, resumed = _compare_dumps(tmp_path / "ref.safetensors", tmp_path / "run.safetensors")
+    history = json.loads(resumed["history"])
+    # 6 steps, window 2: starts 0 .. 3, one step later each iteration
+    assert [h["sde_window_first_step"] for h in history] == [0, 1, 2, 3]
+    assert [h["sde_window_last_step"] for h in history] == [1, 2, 3, 4]
+
+
 def _compare_dumps(ref_path, run_path, ratings=False):
     a, amd = _dump(ref_path)
     b, bmd = _dump(run_path)

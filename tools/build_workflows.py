@@ -313,7 +313,7 @@ def flux() -> Workflow:
             "filename": f"pcpo/{run_name}", "dtype": "bf16", "also_diffusers": False},
             {"session": (4, 1), "stats": (10, 1)}),
         N(12, "MarkdownNote", (40, 570), text=LOOP_NOTE, size=(340, 440)),
-        N(13, "MarkdownNote", (880, 580), text=FLUX_NOTE, size=(360, 420)),
+        N(13, "MarkdownNote", (880, 610), text=FLUX_NOTE, size=(360, 390)),
     ]
     return Workflow(
         "pcpo_flux_dev_jpeg_compressibility", "FLUX.1-dev: PCPO LoRA for JPEG compressibility",
@@ -390,7 +390,7 @@ REWARD_NOTE = (
 
 
 def _with_reward(wf: Workflow, scorer_id: int, reward_nodes: list, reward_id: int, note_id: int,
-                 note_pos: tuple = (880, 810), note_size: tuple = (360, 240)) -> Workflow:
+                 note_pos: tuple = (880, 840), note_size: tuple = (360, 240)) -> Workflow:
     """``wf`` with extra reward nodes whose ``reward_id`` output feeds the scorer's ``reward_model``."""
     for node in wf.nodes:
         if node.id == scorer_id:
@@ -414,7 +414,7 @@ def sd15_aesthetic() -> Workflow:
     wf = _variant(sd15(), "pcpo_sd15_aesthetic", "SD1.5: PCPO LoRA for the LAION aesthetic score",
                   "reward `jpeg-compressibility` (weight-free, DDPO's compressibility task)",
                   "reward: LAION aesthetic predictor v2 (DDPO's aesthetic task)")
-    return _with_reward(wf, 7, [N(11, "PCPOAestheticReward", (880, 580), {
+    return _with_reward(wf, 7, [N(11, "PCPOAestheticReward", (880, 610), {
         "head": "sac+logos+ava1-l14-linearMSE.pth", "backbone": "pcpo_rewards/clip-vit-large-patch14",
         "precision": "auto", "batch_size": 8, "keep_loaded": False})], 11, 12)
 
@@ -422,7 +422,7 @@ def sd15_aesthetic() -> Workflow:
 def sdxl_pickscore() -> Workflow:
     wf = _variant(sdxl(), "pcpo_sdxl_pickscore", "SDXL: PCPO LoRA for PickScore", "reward `jpeg-compressibility`",
                   "reward PickScore v1 (logit_scale.exp() * cos)")
-    return _with_reward(wf, 7, [N(11, "PCPOPickScoreReward", (880, 580), {
+    return _with_reward(wf, 7, [N(11, "PCPOPickScoreReward", (880, 610), {
         "model": "pcpo_rewards/PickScore_v1", "convention": "pickscore (logit_scale.exp() * cos)",
         "precision": "auto", "batch_size": 4, "keep_loaded": False})], 11, 12)
 
@@ -445,12 +445,12 @@ def flux_hps_ocr() -> Workflow:
         if node.type == "PCPOPrompts":
             node.widgets["prompts"] = TEXT_PROMPTS
     wf = _with_reward(wf, 9, [
-        N(14, "PCPOHPSReward", (880, 580), {"checkpoint": "HPS_v2.1_compressed.pt", "architecture": "ViT-H-14",
+        N(14, "PCPOHPSReward", (880, 610), {"checkpoint": "HPS_v2.1_compressed.pt", "architecture": "ViT-H-14",
                                             "precision": "auto", "batch_size": 4, "keep_loaded": False}),
-        N(15, "PCPOOCRReward", (880, 810), {"threads": 0}),
+        N(15, "PCPOOCRReward", (880, 840), {"threads": 0}),
         N(16, "PCPORewardMix", (1280, 900), {"weight_1": 1.0, "weight_2": 1.0, "weight_3": 1.0, "weight_4": 1.0},
           {"reward_1": (14, 0), "reward_2": (15, 0)}),
-    ], 16, 17, note_pos=(880, 950))
+    ], 16, 17, note_pos=(880, 980))
     for node in wf.nodes:
         if node.id == 13:   # the FLUX note gives the space under the sampler to the reward models
             node.pos = (1740, 850)
