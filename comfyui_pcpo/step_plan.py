@@ -161,6 +161,15 @@ def flow_plan(ts, noise_rule: str = "constant", level: float = 0.3, variant: str
     return _restrict(plan, window)
 
 
+def final_only_plan(family: str, grid) -> StepPlan:
+    """The plan of a rollout that recorded only its final latents (sampled by any ComfyUI sampler, for
+    the forward-process objectives): no recorded step; ``info["grid"]`` is the sampling grid (N+1,)."""
+    g = torch.as_tensor(grid, dtype=F64).flatten().cpu()
+    e = torch.zeros(0, dtype=F64)
+    return StepPlan(family, "final", g[-1:].clone(), e, e.clone(), e.clone(), e.clone(), e.clone(), 0.0,
+                    info={"grid": g.tolist(), "final_only": True})
+
+
 def _window_slice(window: Optional[Window], steps: int) -> slice:
     if window is None:
         return slice(None)

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 import torch
 
 from .advantages import group_advantages
+from .forward_objectives import (TIME_WEIGHTINGS, ForwardInputs, forward_noise, get_forward_objective, is_forward,
+                                 matching_target, time_weights)
 from .objectives import LOG_RATIO_FORMS, ObjectiveInputs, get_objective
 from .step_plan import mean_coefficients, no_trainable_step_error
 from .trajectory import Trajectory
@@ -25,7 +27,7 @@ Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class PCPOConfig:
-    objective: str = "pcpo"           # "pcpo" | "grpo-clip" | "ddpo"
+    objective: str = "pcpo"           # "pcpo" | "grpo-clip" | "ddpo" | forward-process: "awm" | "nft"
     clip_range: float = 1e-4          # xi
     adv_clip: float = 5.0
     train_fraction: float = 1.0       # share of the trainable steps (last step excluded) kept per sample
@@ -34,9 +36,19 @@ class PCPOConfig:
     updates_per_rollout: int = 2
     seed: int = 0
     log_ratio: str = "analytic"       # baselines only: "difference" = logp_new - logp_old as the reference codes
+    time_weighting: str = "paper"     # forward-process objectives: "paper" | "proportionate"
 
     def validate(self) -> "PCPOConfig":
-        get_objective(self.objective)
+        if is_forward(self.objective):
+            get_forward_objective(self.objective)
+            if self.time_weighting not in TIME_WEIGHTINGS:
+                raise ValueError(f"time_weighting {self.time_weighting!r} is unknown; choose one of "
+                                 f"{', '.join(TIME_WEIGHTINGS)}")
+            if self.log_ratio != "analytic":
+                raise ValueError(f"log_ratio {self.log_ratio!r} applies to the baseline objectives; {self.objective} "
+                                 "has no log-ratio (it trains on the forward process)")
+        else:
+            get_objective(self.objective)
         if self.log_ratio not in LOG_RATIO_FORMS:
             raise ValueError(f"log_ratio {self.log_ratio!r} is unknown; choose one of {', '.join(LOG_RATIO_FORMS)}")
         if self.log_ratio != "analytic" and self.objective == "pcpo":
@@ -63,6 +75,49 @@ def candidate_steps(traj: Trajectory) -> torch.Tensor:
     last = traj.num_steps - 1 if win is None else win.grid_steps - 1 - win.start
     keep = steps[steps != last]
     return keep if keep.numel() > 0 else steps
+
+
+def check_objective_fits(traj: Trajectory, objective: str) -> None:
+    """Refuse an objective the rollout's record cannot train: a final-only record (a ComfyUI sampler)
+    under a policy objective, an SDE-window record under a forward-process one."""
+    if is_forward(objective):
+        final_grid(traj)
+    elif traj.plan.info.get("final_only"):
+        raise ValueError(f"this rollout recorded only the final images (a ComfyUI sampler was wired into the "
+                         f"Trajectory Sampler); {objective} trains on the recorded SDE steps: unwire the sampler, "
+                         "or pick the objective awm or nft")
+
+
+def forward_candidates(traj: Trajectory) -> torch.Tensor:
+    """Training noise levels of the forward-process objectives: the indices of every point of the
+    sampling grid but the final 0 (``final_grid``)."""
+    return torch.arange(final_grid(traj).numel() - 1)
+
+
+def timestep_candidates(traj: Trajectory, objective: str) -> torch.Tensor:
+    """What the timestep draw of ``objective`` picks from (each micro-batch draws a permutation of it)."""
+    return forward_candidates(traj) if is_forward(objective) else candidate_steps(traj)
+
+
+def final_grid(traj: Trajectory) -> torch.Tensor:
+    """The whole sampling grid (N+1,) float64 of a trajectory whose final latents are recorded (a
+    final-only record of a ComfyUI sampler, or a full SDE rollout, whose last latent is x0)."""
+    grid = traj.plan.info.get("grid")
+    if grid is not None:
+        return torch.tensor(grid, dtype=torch.float64)
+    if traj.plan.window is not None:
+        raise ValueError("an SDE-window rollout does not record the final latents: the forward-process objectives "
+                         "(awm, nft) train on them; unwire the PCPO SDE Window, or wire a ComfyUI SAMPLER into the "
+                         "Trajectory Sampler's sampler input")
+    return traj.plan.sigmas.double()
+
+
+def forward_noise_generator(traj: Trajectory, group: int, chunk: int, j: int) -> torch.Generator:
+    """The fresh noise of pair set (group, micro-batch, training time j): seeded by the rollout's (seed,
+    iteration, group), so a resumed run draws the same numbers."""
+    from .run_state import rollout_seed
+    base = rollout_seed(int(traj.meta.get("seed", 0) or 0), int(traj.meta.get("iteration", 0) or 0), int(group))
+    return torch.Generator().manual_seed((base * 6364136223846793005 + chunk * 1442695040888963407 + j + 1) % 2 ** 63)
 
 
 def group_micro_batches(group_ids: torch.Tensor, size: int) -> dict[int, tuple]:
@@ -107,6 +162,111 @@ class PCPOTrainer:
             return float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
+    def _optimize(self, n_updates: int, mbs: dict, work_for, predict, run_group) -> tuple:
+        """``n_updates`` optimizer steps, each on the gradients every group's ``work_for(g, u)``
+        accumulates (reduced across processes, unscaled, clipped).  Returns (last pre-clip gradient
+        norm, every update's, steps skipped by the gradient scaler)."""
+        grad_norm, grad_norms, skipped = 0.0, [], 0
+        for u in range(n_updates):
+            self.optimizer.zero_grad(set_to_none=True)
+            for g in mbs:
+                if run_group is not None:
+                    run_group(g, work_for(g, u))
+                else:
+                    work_for(g, u)(predict)
+            if self.reduce_gradients is not None:
+                self.reduce_gradients(self.params)
+            if self.grad_scaler is not None:
+                self.grad_scaler.unscale_(self.optimizer)
+            grad_norm = self._clip_gradients()
+            grad_norms.append(grad_norm)
+            if self.grad_scaler is not None:  # skips the step when the scaled gradients overflowed
+                scale = self.grad_scaler.get_scale()
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+                skipped += int(self.grad_scaler.get_scale() < scale)
+            elif not math.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError("non-finite gradient norm: lower the learning rate, or use training_precision "
+                                         "fp32 or bf16")
+            else:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, grad_norms, skipped
+
+    def _forward_update(self, traj: Trajectory, rewards, predict, run_group, on_progress) -> dict:
+        """The forward-process objectives (``forward_objectives``): per micro-batch ``train_fraction`` of
+        the grid's noise levels, the final latents re-noised there with fresh noise, the prediction
+        with grad against the matching target, weighted by the advantage.  The rollout policy's
+        prediction (nft's pred_old) is the first update's own prediction, detached."""
+        cfg = self.config
+        B = traj.batch_size
+        rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
+        if rewards.numel() != B:
+            raise ValueError(f"got {rewards.numel()} rewards for a trajectory of {B} samples")
+        adv = group_advantages(rewards, traj.group_ids, clip=cfg.adv_clip)
+        loss_fn = get_forward_objective(cfg.objective)
+        grid = final_grid(traj)
+        family = traj.plan.family
+        cand = forward_candidates(traj)
+        keep = max(1, int(round(cfg.train_fraction * cand.numel())))
+        mbs = group_micro_batches(traj.group_ids, cfg.micro_batch)
+        w_t, sig = time_weights(family, grid, cfg.time_weighting).float(), grid.float()
+        x0 = traj.latents[:, -1]
+        dev = x0.device
+        total_pairs = B * keep
+        n_updates = cfg.updates_per_rollout
+        total_calls = n_updates * keep * sum(len(v) for v in mbs.values())
+        perm = {(g, c): cand[torch.randperm(cand.numel(), generator=self.generator)[:keep]]
+                for g, chunks in mbs.items() for c in range(len(chunks))}
+        old: dict = {}
+        st = {"loss": 0.0, "matching_error": 0.0, "approx_kl": 0.0, "done": 0, "pair_cnt": torch.zeros(grid.numel() - 1)}
+
+        def work_for(g: int, u: int):
+            def work(pred_fn: Predict) -> None:
+                for c, mb in enumerate(mbs[g]):
+                    for j in range(keep):
+                        step = perm[(g, c)][j]
+                        steps = step.expand(mb.numel())
+                        x0_mb = x0[mb.to(dev)].float()
+                        noise = torch.randn(x0_mb.shape, generator=forward_noise_generator(traj, g, c, j)).to(dev)
+                        s = sig[steps]
+                        x_s = forward_noise(family, x0_mb, noise, s)
+                        pred_new = pred_fn(x_s, s, mb)
+                        key = (g, c, j)
+                        if u == 0:  # the rollout policy: the parameters before this iteration's first step
+                            old[key] = pred_new.detach().float()
+                        target = matching_target(family, x0_mb, noise).to(pred_new.device)
+                        inp = ForwardInputs(adv.values[mb].to(pred_new.device), pred_new, old[key], target,
+                                            w_t[steps].to(pred_new.device))
+                        loss, m = loss_fn(inp)
+                        scaled = loss * (mb.numel() / total_pairs)
+                        (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
+                        frac = mb.numel() / total_pairs / n_updates
+                        st["loss"] += float(loss.detach()) * frac
+                        st["matching_error"] += m["matching_error"] * frac
+                        with torch.no_grad():  # the size of the change of the prediction, as approx_kl
+                            st["approx_kl"] += float(0.5 * (pred_new.detach().float() - old[key]).pow(2).mean()) * frac
+                        if u == 0:
+                            st["pair_cnt"][int(step)] += mb.numel()
+                        st["done"] += 1
+                        if on_progress is not None:
+                            on_progress(st["done"], total_calls)
+            return work
+
+        grad_norm, grad_norms, skipped = self._optimize(n_updates, mbs, work_for, predict, run_group)
+        return {
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "zero_std_groups": adv.zero_std_groups, "groups": adv.num_groups,
+            "loss": st["loss"], "clip_fraction": 0.0, "approx_kl": st["approx_kl"], "log_approx_error": 0.0,
+            "clip_fraction_per_step": [0.0 if n > 0 else None for n in st["pair_cnt"]],
+            "grad_norm": grad_norm, "grad_norms": grad_norms, "skipped_steps": skipped,
+            "grad_scale": self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0,
+            "first_update_log_ratio": 0.0, "pairs": total_pairs, "objective": cfg.objective,
+            "log_ratio": "none", "log_ratio_gap": 0.0, "matching_error": st["matching_error"],
+            "time_weighting": cfg.time_weighting,
+        }
+
     def update(self, traj: Trajectory, rewards: torch.Tensor, predict: Optional[Predict] = None,
                run_group: Optional[Callable[[int, Callable[[Predict], None]], None]] = None,
                on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
@@ -116,8 +276,8 @@ class PCPOTrainer:
         ``work(predict)`` with a predictor bound to that group's conditioning (ComfyUI prepares
         conditioning per sampling call).  Gradients of all groups accumulate before each step.
 
-        Returns metrics: reward_mean/std, zero_std_groups, loss, clip_fraction (+ per step, None
-        where no pair was trained), approx_kl, log_approx_error, grad_norm (pre-clip, last update),
+        Returns metrics: reward_mean/std, zero_std_groups, loss, clip_fraction (+ per step of the
+        sampling grid, None where no pair was trained, e.g. outside an SDE window), approx_kl, log_approx_error, grad_norm (pre-clip, last update),
         grad_norms (every update), skipped_steps (overflow under gradient scaling), grad_scale,
         pairs, log_ratio (the form), log_ratio_gap (mean |log rho used - analytic log rho|; 0 for
         the analytic form), and
@@ -126,6 +286,9 @@ class PCPOTrainer:
         if (predict is None) == (run_group is None):
             raise ValueError("give exactly one of predict or run_group")
         cfg = self.config
+        check_objective_fits(traj, cfg.objective)
+        if is_forward(cfg.objective):
+            return self._forward_update(traj, rewards, predict, run_group, on_progress)
         B, S = traj.batch_size, traj.num_steps
         rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
         if rewards.numel() != B:
@@ -186,34 +349,12 @@ class PCPOTrainer:
                             on_progress(st["done"], total_calls)
             return work
 
-        grad_norm, grad_norms, skipped = 0.0, [], 0
-        for u in range(n_updates):
-            self.optimizer.zero_grad(set_to_none=True)
-            for g in mbs:
-                if run_group is not None:
-                    run_group(g, work_for(g, u))
-                else:
-                    work_for(g, u)(predict)
-            if self.reduce_gradients is not None:
-                self.reduce_gradients(self.params)
-            if self.grad_scaler is not None:
-                self.grad_scaler.unscale_(self.optimizer)
-            grad_norm = self._clip_gradients()
-            grad_norms.append(grad_norm)
-            if self.grad_scaler is not None:  # skips the step when the scaled gradients overflowed
-                scale = self.grad_scaler.get_scale()
-                self.grad_scaler.step(self.optimizer)
-                self.grad_scaler.update()
-                skipped += int(self.grad_scaler.get_scale() < scale)
-            elif not math.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError("non-finite gradient norm: lower the learning rate, or use training_precision "
-                                         "fp32 or bf16")
-            else:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, grad_norms, skipped = self._optimize(n_updates, mbs, work_for, predict, run_group)
         cnt = st["pair_cnt"]
         per_step = [float(c) / float(n) if n > 0 else None for c, n in zip(st["clip_sum"], cnt)]
+        win = plan.window
+        if win is not None:  # per step of the whole sampling grid (None outside the SDE window)
+            per_step = [None] * win.start + per_step + [None] * (win.grid_steps - win.end)
         return {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
             "zero_std_groups": adv.zero_std_groups, "groups": adv.num_groups,

@@ -17,7 +17,7 @@ import comfy.utils
 
 from comfyui_pcpo import distributed
 from comfyui_pcpo.step_plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, check_training_schedule, diffusion_plan,
-                                flow_plan, prediction_from_denoised)
+                                final_only_plan, flow_plan, prediction_from_denoised)
 from comfyui_pcpo.rollout import make_trajectory, rollout, windowed_rollout
 from comfyui_pcpo.sde_window import WINDOW_SCHEDULES, place_window
 from comfyui_pcpo.run_state import rollout_generator, step_noise_seed
@@ -258,6 +258,10 @@ class PCPOTrajectorySampler:
             "sde_window": ("PCPO_SDE_WINDOW", {"tooltip": "Faster iterations: wire PCPO SDE Window to make only a few "
                            "steps random and trained, the rest a fast deterministic sampler. Unwired: every step "
                            "is random and trained (the original PCPO rollout)."}),
+            "sampler": ("SAMPLER", {"tooltip": "For the LoRA Update objectives awm and nft only: sample with this "
+                        "ComfyUI sampler (KSamplerSelect: euler, dpmpp_2m, ...) and record just the final images, "
+                        "which is all those objectives train on. pcpo, grpo-clip and ddpo need the recorded random "
+                        "steps: leave it unwired for them."}),
         }, "hidden": {"prompt": "PROMPT"}}
 
     @classmethod
@@ -271,7 +275,7 @@ class PCPOTrajectorySampler:
 
     def sample(self, session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule, scheduler,
                width, height, groups, prompts=None, positive=None, negative=None, latent=None, sigmas=None,
-               sde_window=None, prompt=None):
+               sde_window=None, sampler=None, prompt=None):
         check_prompt(prompt, getattr(session, "run_name", None))  # the first node that runs every iteration
         if group_size < 2:
             raise ValueError("group_size must be at least 2: PCPO compares samples of the same prompt "
@@ -286,7 +290,7 @@ class PCPOTrajectorySampler:
             with training_flag():  # the numerics of the gradient pass
                 out = self._sample(session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule,
                                    scheduler, width, height, groups, prompts, positive, negative, latent, sigmas,
-                                   prompt_micro_batch(prompt), sde_window)
+                                   prompt_micro_batch(prompt), sde_window, sampler)
             out[1].started = started
             return out
         except comfy.model_management.InterruptProcessingException:
@@ -294,7 +298,8 @@ class PCPOTrajectorySampler:
             raise
 
     def _sample(self, session, steps, cfg, group_size, seed, eta, rollout_variant, flow_noise_rule, scheduler,
-                width, height, groups, prompts, positive, negative, latent, sigmas, micro_batch=None, window=None):
+                width, height, groups, prompts, positive, negative, latent, sigmas, micro_batch=None, window=None,
+                sampler=None):
         model = session.model
         fam = session.family
         ms = model.get_model_object("model_sampling")
@@ -304,6 +309,9 @@ class PCPOTrajectorySampler:
         plan = check_training_schedule(make_plan(fam, sig, eta, rollout_variant, flow_noise_rule))
         shape = latent_shape_for(model, latent, width, height)
         iteration = session.iteration
+        if sampler is not None and window:
+            raise ValueError("wire either a PCPO SDE Window (pcpo, grpo-clip, ddpo) or a SAMPLER (awm, nft) into the "
+                             "Trajectory Sampler, not both")
         window = dict(window or {})
         solver = window.pop("solver", "euler")
         win = place_window(window.get("size", 0), plan.num_steps, window.get("schedule", "fixed"), iteration, seed,
@@ -330,6 +338,9 @@ class PCPOTrajectorySampler:
         else:
             raise ValueError("wire either PCPO Prompts or positive/negative CONDITIONING into the Trajectory Sampler")
 
+        if sampler is not None:  # a final-only rollout, for the forward-process objectives
+            return self._sample_final(session, sampler, sig, shape, conds, texts, int(group_size), seed, cfg, latent,
+                                      micro_batch, iteration)
         check_memory(session, len(conds), int(group_size), plan.num_steps, shape, float(cfg), micro_batch)
         starts = start_latents(model, latent, len(conds))
         G = int(group_size)
@@ -365,6 +376,49 @@ class PCPOTrajectorySampler:
                              session.token)
         return ({"samples": torch.cat(finals, 0)}, batch)
 
+
+    def _sample_final(self, session, sampler, sig, shape, conds, texts, G, seed, cfg, latent, micro_batch, iteration):
+        """Each group sampled by a ComfyUI SAMPLER through ``comfy.sample.sample_custom`` (as
+        SamplerCustom runs it), its initial noise drawn as for the SDE rollout; only the final latents
+        are recorded (in the model's latent space, the forward process's x0)."""
+        model, fam = session.model, session.family
+        check_memory(session, len(conds), G, 1, shape, float(cfg), micro_batch)
+        raw = None
+        if latent is not None:
+            if latent.get("noise_mask") is not None:
+                raise ValueError("the Trajectory Sampler does not inpaint: remove the noise_mask from the LATENT")
+            raw = comfy.sample.fix_empty_latent_channels(model, latent["samples"]).float().cpu()
+            if int(raw.shape[0]) not in (1, len(conds)):
+                raise ValueError(f"LATENT has {int(raw.shape[0])} images for {len(conds)} groups: give 1 image or one "
+                                 f"per group ({len(conds)})")
+        pbar = comfy.utils.ProgressBar(len(conds) * (sig.numel() - 1))
+        first_group = distributed.group_offset(len(conds))
+        records, finals = [], []
+        for g, (pos, neg) in enumerate(conds):
+            gen = rollout_generator(seed, iteration, first_group + g)
+            noise = torch.randn((1, *shape), generator=gen).repeat(G, *([1] * len(shape)))
+            base = torch.zeros_like(noise) if raw is None else raw[min(g, raw.shape[0] - 1):][:1].repeat(
+                G, *([1] * len(shape)))
+
+            def cb(*_a):
+                pbar.update(1)
+                interrupted()
+            out = comfy.sample.sample_custom(model, noise, float(cfg), sampler, sig.float(), pos, neg, base,
+                                             callback=cb, disable_pbar=True, seed=seed)
+            out = out.float().cpu()
+            finals.append(out)
+            x0 = model.model.process_latent_in(out)
+            records.append({"latents": x0.unsqueeze(1), "eps_old": x0.new_zeros((G, 0, *shape)),
+                            "pred_old": x0.new_zeros((G, 0, *shape))})
+        gid = torch.arange(len(conds)).repeat_interleave(G)
+        plan = final_only_plan(fam.kind, sig)
+        traj = make_trajectory(records, plan, gid, gid, texts,
+                               {"arch": fam.arch, "cfg": cfg, "seed": seed, "iteration": iteration,
+                                "variant": "final", "eta": 1.0, "sde_window": None, "ode_sampler": None,
+                                "sampler": "comfyui"})
+        batch = RolloutBatch(traj.pin_memory(), conds, float(cfg), shape, session.run_name, iteration,
+                             uuid.uuid4().hex, fam, session.token)
+        return ({"samples": torch.cat(finals, 0)}, batch)
 
 def pcpo_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                 variant="native", flow_noise_rule="constant"):

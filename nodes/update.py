@@ -12,11 +12,12 @@ import comfy.utils
 
 from comfyui_pcpo import progress as P
 from comfyui_pcpo import ratings as H
+from comfyui_pcpo.forward_objectives import FORWARD_OBJECTIVES, TIME_WEIGHTINGS, is_forward
 from comfyui_pcpo.objectives import OBJECTIVES
 from comfyui_pcpo.step_plan import prediction_from_denoised
 from comfyui_pcpo import distributed
 from comfyui_pcpo.atomic import dumps
-from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, candidate_steps
+from comfyui_pcpo.trainer import PCPOConfig, PCPOTrainer, check_objective_fits, final_grid, timestep_candidates
 from comfyui_pcpo.iteration import (RUNNING_MEAN_OF, STALL_LIMIT, check_inputs, checkpoint_due, finishing_node,
                                     format_stats, gradient_stalled, stall_error, update_warnings)
 
@@ -46,11 +47,13 @@ class PCPOLoRAUpdate:
             "session": ("PCPO_SESSION", {"tooltip": "The run (from PCPO LoRA)."}),
             "trajectory": ("PCPO_TRAJECTORY", {"tooltip": "The rollout from the Trajectory Sampler."}),
             "rewards": ("PCPO_REWARDS", {"tooltip": "Its rewards from the Reward Scorer."}),
-            "objective": (list(OBJECTIVES), {"default": "pcpo", "tooltip":
+            "objective": (list(OBJECTIVES) + list(FORWARD_OBJECTIVES), {"default": "pcpo", "tooltip":
                           "How the rewards change the LoRA. pcpo (pick this): every denoising step gets credit in "
                           "proportion to its share of the image, with a clipped (log-hinge) loss that keeps each "
                           "update small. grpo-clip: the DanceGRPO/Flow-GRPO loss, for comparison. ddpo: plain "
-                          "policy gradient (REINFORCE) without clipping, for comparison."}),
+                          "policy gradient (REINFORCE) without clipping, for comparison. awm and nft (2026): learn "
+                          "from the final images only, re-noised (Advantage Weighted Matching, DiffusionNFT); they "
+                          "work with any sampler wired into the Trajectory Sampler's sampler input."}),
             "clip_range": ("FLOAT", {"default": 1e-4, "min": 1e-6, "max": 1.0, "step": 1e-6, "round": False,
                                      "tooltip": "How far one update may move the model (the trust region, 'xi' in the "
                                      "paper), 6 decimals. Keep the reference 1e-4; lower it (5e-5) if the KL in the "
@@ -86,6 +89,11 @@ class PCPOLoRAUpdate:
                                              "re-queues the workflow until they are done. Cancel stops it."}),
             "checkpoint_every": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip":
                                          "Write the run checkpoint every this many iterations (and at the end)."}),
+        }, "optional": {
+            "time_weighting": (list(TIME_WEIGHTINGS), {"default": "paper", "tooltip":
+                               "awm and nft only: how much each noise level counts. paper: all alike, as the "
+                               "papers train. proportionate: PCPO's rule, each level in proportion to its share of "
+                               "the sampling time (differs for flow models such as SD3 and FLUX)."}),
         }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -99,7 +107,7 @@ class PCPOLoRAUpdate:
 
     def update(self, session, trajectory, rewards, objective, clip_range, advantage_clip, train_fraction,
                micro_batch, grad_clip, updates_per_rollout, iterations_per_queue, checkpoint_every,
-               prompt=None, extra_pnginfo=None, unique_id=None):
+               time_weighting="paper", prompt=None, extra_pnginfo=None, unique_id=None):
         session = session.live()
         state = session.state
         batch = trajectory
@@ -113,9 +121,10 @@ class PCPOLoRAUpdate:
                                 getattr(batch, "started", 0.0) or time.time())
         target = press.target
 
+        check_objective_fits(batch.traj, objective)  # before any work
         cfg = PCPOConfig(objective=objective, clip_range=clip_range, adv_clip=advantage_clip,
                          train_fraction=train_fraction, micro_batch=micro_batch, grad_clip=grad_clip,
-                         updates_per_rollout=updates_per_rollout, seed=0)
+                         updates_per_rollout=updates_per_rollout, seed=0, time_weighting=time_weighting)
         apply_guard_lr(session)  # a learning rate the Reward Guard lowered
         trainer = PCPOTrainer(state.params(), state.optimizer, cfg, generator=state.generator,
                               grad_scaler=state.grad_scaler,
@@ -124,7 +133,7 @@ class PCPOLoRAUpdate:
         model = session.model
         device = model.load_device
         traj = batch.traj
-        sigmas = traj.plan.sigmas.float()
+        sigmas = (final_grid(traj) if is_forward(objective) else traj.plan.sigmas).float()
         G = max(int((traj.group_ids == g).sum()) for g in torch.unique(traj.group_ids))
         pbar = comfy.utils.ProgressBar(100)
 
@@ -150,7 +159,7 @@ class PCPOLoRAUpdate:
             load_for_training(model, batch.latent_shape, min(G, micro_batch))
             # several processes: the timestep draws of the other ranks' groups, so every rank keeps the
             # generator of one process sampling all groups
-            n_cand, n_groups = candidate_steps(traj).numel(), int(torch.unique(traj.group_ids).numel())
+            n_cand, n_groups = timestep_candidates(traj, objective).numel(), int(torch.unique(traj.group_ids).numel())
             before, after = distributed.timestep_draws_around(n_groups, math.ceil(G / micro_batch))
             distributed.skip_timestep_draws(state.generator, before, n_cand)
             with training_mode():

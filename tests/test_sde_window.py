@@ -247,6 +247,9 @@ def test_first_update_replays_every_window_and_solver_exactly(pcpo, tiny, comfy_
         stats = _update(pcpo, sess, batch)
         assert stats["first_update_log_ratio"] == 0.0 and max(stats["grad_norms"]) > 0
         assert stats["pairs"] == 4 * 2  # both window steps of every sample are trained
+        # the clip fraction per step of the whole grid (the dashboard's heatmap rows): None outside the window
+        per_step = stats["clip_fraction_per_step"]
+        assert len(per_step) == 6 and all((v is None) == (i not in (start, start + 1)) for i, v in enumerate(per_step))
 
 
 def test_the_ode_sampler_runs_outside_the_window_only(pcpo, tiny, comfy_dirs):

@@ -238,7 +238,7 @@ def _sd_workflow(name, title, summary, ckpt, run_name, size, steps, group_size, 
             "micro_batch": micro_batch, "grad_clip": 1.0, "updates_per_rollout": 2,
             "iterations_per_queue": 100, "checkpoint_every": 1},
             {"session": (2, 1), "trajectory": (4, 1), "rewards": (7, 0)}),
-        N(9, "PCPOExportLoRA", (1740, 540), {
+        N(9, "PCPOExportLoRA", (1740, 570), {
             "filename": f"pcpo/{run_name}", "dtype": "fp16", "also_diffusers": False},
             {"session": (2, 1), "stats": (8, 1)}),  # stats: export after this iteration's update
         N(10, "MarkdownNote", (40, 420), text=LOOP_NOTE + extra_note, size=(340, 520)),
@@ -309,11 +309,11 @@ def flux() -> Workflow:
             "objective": "pcpo", "clip_range": 1e-4, "advantage_clip": 5.0, "train_fraction": 0.6,
             "micro_batch": 1, "grad_clip": 1.0, "updates_per_rollout": 2, "iterations_per_queue": 100,
             "checkpoint_every": 1}, {"session": (4, 1), "trajectory": (6, 1), "rewards": (9, 0)}),
-        N(11, "PCPOExportLoRA", (1740, 540), {
+        N(11, "PCPOExportLoRA", (1740, 570), {
             "filename": f"pcpo/{run_name}", "dtype": "bf16", "also_diffusers": False},
             {"session": (4, 1), "stats": (10, 1)}),
         N(12, "MarkdownNote", (40, 570), text=LOOP_NOTE, size=(340, 440)),
-        N(13, "MarkdownNote", (880, 610), text=FLUX_NOTE, size=(360, 390)),
+        N(13, "MarkdownNote", (880, 640), text=FLUX_NOTE, size=(360, 360)),
     ]
     return Workflow(
         "pcpo_flux_dev_jpeg_compressibility", "FLUX.1-dev: PCPO LoRA for JPEG compressibility",
@@ -365,7 +365,7 @@ def demo() -> Workflow:
             "objective": "pcpo", "clip_range": 1e-4, "advantage_clip": 5.0, "train_fraction": 0.5,
             "micro_batch": 8, "grad_clip": 1.0, "updates_per_rollout": 2, "iterations_per_queue": 30,
             "checkpoint_every": 5}, {"session": (2, 1), "trajectory": (4, 1), "rewards": (6, 0)}),
-        N(8, "PCPOExportLoRA", (1740, 540), {
+        N(8, "PCPOExportLoRA", (1740, 570), {
             "filename": f"pcpo/{run_name}", "dtype": "fp16", "also_diffusers": False},
             {"session": (2, 1), "stats": (7, 1)}),
         N(9, "PreviewImage", (1280, 420), {}, {"images": (5, 0)}, size=(420, 420)),
@@ -390,7 +390,7 @@ REWARD_NOTE = (
 
 
 def _with_reward(wf: Workflow, scorer_id: int, reward_nodes: list, reward_id: int, note_id: int,
-                 note_pos: tuple = (880, 840), note_size: tuple = (360, 240)) -> Workflow:
+                 note_pos: tuple = (880, 870), note_size: tuple = (360, 210)) -> Workflow:
     """``wf`` with extra reward nodes whose ``reward_id`` output feeds the scorer's ``reward_model``."""
     for node in wf.nodes:
         if node.id == scorer_id:
@@ -414,7 +414,7 @@ def sd15_aesthetic() -> Workflow:
     wf = _variant(sd15(), "pcpo_sd15_aesthetic", "SD1.5: PCPO LoRA for the LAION aesthetic score",
                   "reward `jpeg-compressibility` (weight-free, DDPO's compressibility task)",
                   "reward: LAION aesthetic predictor v2 (DDPO's aesthetic task)")
-    return _with_reward(wf, 7, [N(11, "PCPOAestheticReward", (880, 610), {
+    return _with_reward(wf, 7, [N(11, "PCPOAestheticReward", (880, 640), {
         "head": "sac+logos+ava1-l14-linearMSE.pth", "backbone": "pcpo_rewards/clip-vit-large-patch14",
         "precision": "auto", "batch_size": 8, "keep_loaded": False})], 11, 12)
 
@@ -422,7 +422,7 @@ def sd15_aesthetic() -> Workflow:
 def sdxl_pickscore() -> Workflow:
     wf = _variant(sdxl(), "pcpo_sdxl_pickscore", "SDXL: PCPO LoRA for PickScore", "reward `jpeg-compressibility`",
                   "reward PickScore v1 (logit_scale.exp() * cos)")
-    return _with_reward(wf, 7, [N(11, "PCPOPickScoreReward", (880, 610), {
+    return _with_reward(wf, 7, [N(11, "PCPOPickScoreReward", (880, 640), {
         "model": "pcpo_rewards/PickScore_v1", "convention": "pickscore (logit_scale.exp() * cos)",
         "precision": "auto", "batch_size": 4, "keep_loaded": False})], 11, 12)
 
@@ -445,15 +445,15 @@ def flux_hps_ocr() -> Workflow:
         if node.type == "PCPOPrompts":
             node.widgets["prompts"] = TEXT_PROMPTS
     wf = _with_reward(wf, 9, [
-        N(14, "PCPOHPSReward", (880, 610), {"checkpoint": "HPS_v2.1_compressed.pt", "architecture": "ViT-H-14",
+        N(14, "PCPOHPSReward", (880, 640), {"checkpoint": "HPS_v2.1_compressed.pt", "architecture": "ViT-H-14",
                                             "precision": "auto", "batch_size": 4, "keep_loaded": False}),
-        N(15, "PCPOOCRReward", (880, 840), {"threads": 0}),
+        N(15, "PCPOOCRReward", (880, 870), {"threads": 0}),
         N(16, "PCPORewardMix", (1280, 900), {"weight_1": 1.0, "weight_2": 1.0, "weight_3": 1.0, "weight_4": 1.0},
           {"reward_1": (14, 0), "reward_2": (15, 0)}),
-    ], 16, 17, note_pos=(880, 980))
+    ], 16, 17, note_pos=(880, 1010))
     for node in wf.nodes:
         if node.id == 13:   # the FLUX note gives the space under the sampler to the reward models
-            node.pos = (1740, 850)
+            node.pos = (1740, 890)
     # the chain and the reward models open whole; the Reward Mix and the notes below are a scroll away
     wf.view = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15)
     return wf
