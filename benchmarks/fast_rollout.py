@@ -74,7 +74,7 @@ def regime_cfg(regime: str, cfg: dict) -> dict:
     return dict(cfg, regime=regime, model=model, steps=steps, scheduler=scheduler, level=level, rule=rule)
 
 
-_HOSTS, _EVALS = {}, {}
+_HOST, _MODELS, _EVALS = [None], {}, {}
 
 
 def _worker_init(threads: int, cfg: dict):
@@ -84,13 +84,21 @@ def _worker_init(threads: int, cfg: dict):
 
 
 def _host(regime: str, cfg: dict):
-    from collapse import Evaluator, make_host
+    """The worker's one ComfyUI host, pointed at the regime's model (the demo diffusion model or the
+    demo flow model, each loaded once), and the regime's evaluator."""
+    from _common import Host
+    from collapse import Evaluator
+    if _HOST[0] is None:
+        _HOST[0] = Host(1)
+        _MODELS["demo"] = (_HOST[0].model, _HOST[0].clip, _HOST[0].vae)
+    host = _HOST[0]
     model = REGIMES[regime][0]
-    if model not in _HOSTS:
-        _HOSTS[model] = make_host("flow" if model == "flow" else "d20", 1)
+    if model not in _MODELS:
+        _MODELS[model] = host.pack["demo"].load_demo_flow()
+    host.model, host.clip, host.vae = _MODELS[model]
     if regime not in _EVALS:
-        _EVALS[regime] = Evaluator(_HOSTS[model], regime_cfg(regime, cfg))
-    return _HOSTS[model], _EVALS[regime]
+        _EVALS[regime] = Evaluator(host, regime_cfg(regime, cfg))
+    return host, _EVALS[regime]
 
 
 def rollout(host, sess, prompts, rc, seed, window):

@@ -116,7 +116,9 @@ def forward_noise_generator(traj: Trajectory, group: int, chunk: int, j: int) ->
     """The fresh noise of pair set (group, micro-batch, training time j): seeded by the rollout's (seed,
     iteration, group), so a resumed run draws the same numbers."""
     from .run_state import rollout_seed
-    base = rollout_seed(int(traj.meta.get("seed", 0) or 0), int(traj.meta.get("iteration", 0) or 0), int(group))
+    meta = traj.meta
+    group = int(group) + int(meta.get("group_offset", 0) or 0)  # the group's index across processes
+    base = rollout_seed(int(meta.get("seed", 0) or 0), int(meta.get("iteration", 0) or 0), group)
     return torch.Generator().manual_seed((base * 6364136223846793005 + chunk * 1442695040888963407 + j + 1) % 2 ** 63)
 
 

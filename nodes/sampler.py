@@ -370,7 +370,7 @@ class PCPOTrajectorySampler:
                                {"arch": fam.arch, "cfg": cfg, "seed": seed, "iteration": iteration,
                                 "variant": rollout_variant, "eta": eta, "flow_noise_rule": flow_noise_rule,
                                 "sde_window": win.to_dict() if win is not None else None,
-                                "ode_sampler": solver if win is not None else None})
+                                "ode_sampler": solver if win is not None else None, "group_offset": first_group})
         traj = traj.pin_memory()  # stays on the CPU; each micro-batch moves to the device in the update
         batch = RolloutBatch(traj, conds, float(cfg), shape, session.run_name, iteration, uuid.uuid4().hex, fam,
                              session.token)
@@ -415,7 +415,7 @@ class PCPOTrajectorySampler:
         traj = make_trajectory(records, plan, gid, gid, texts,
                                {"arch": fam.arch, "cfg": cfg, "seed": seed, "iteration": iteration,
                                 "variant": "final", "eta": 1.0, "sde_window": None, "ode_sampler": None,
-                                "sampler": "comfyui"})
+                                "sampler": "comfyui", "group_offset": first_group})
         batch = RolloutBatch(traj.pin_memory(), conds, float(cfg), shape, session.run_name, iteration,
                              uuid.uuid4().hex, fam, session.token)
         return ({"samples": torch.cat(finals, 0)}, batch)

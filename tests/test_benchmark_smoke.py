@@ -177,3 +177,27 @@ def test_collapse_smoke_evaluates_every_arm_from_the_same_base_model(tmp_path):
     assert all(j["evals"][-1]["fd"] != j["evals"][0]["fd"] for j in jobs.values())
     assert data["true_diversity"] > 0
     assert "difference PCPO - grpo-clip" in p.stdout
+
+
+def test_fast_rollout_smoke_windows_train_their_steps_only_and_replay_exactly(tmp_path):
+    """Both regimes, the full rollout (train fraction 1 and 0.5) and two windowed arms: a windowed
+    iteration trains its 2 window steps per sample, every update starts on-policy, and every arm is
+    evaluated at compute 0 on the same base model."""
+    data, p = smoke("fast_rollout.py", tmp_path)
+    jobs = data["jobs"]
+    assert {j["regime"] for j in jobs.values()} == {"demo", "flow"}
+    for j in jobs.values():
+        assert j["compute_s"] >= data["config"]["budget_s"] and len(j["evals"]) == 4
+        for it in j["iterations"]:
+            assert it["first_update_log_ratio"] == 0.0 and it["rollout_s"] > 0 and it["update_s"] > 0
+            if j["arm"].startswith("w2"):
+                assert it["pairs"] == 2 * 2 and it["window"]["size"] == 2  # 1 prompt x 2 samples x 2 steps
+            else:
+                assert it["window"] is None
+    # 4 steps: the full rollout trains 3 steps per sample, train fraction 0.5 trains 2
+    assert {j["arm"]: j["iterations"][0]["pairs"] for j in jobs.values() if j["regime"] == "flow"} == {
+        "full": 6, "full-half": 4, "w2-euler": 4, "w2-dpmpp_2m": 4}
+    for regime in ("demo", "flow"):
+        base = {j["evals"][0]["reward"] for j in jobs.values() if j["regime"] == regime}
+        assert len(base) == 1
+    assert "speed-up per iteration" in p.stdout

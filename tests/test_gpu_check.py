@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py runs end to end on a CPU with --tiny (the code path a GPU run takes)."""
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -23,7 +24,11 @@ def test_gpu_check_dry_run_passes_and_reports(tmp_path):
         assert r["ok"] and r["compute"] == r["precision"] and len(r["iterations"]) == 2
         assert r["checkpointing"] == (r["family"] != "sd15")  # auto: on for SDXL and FLUX
         for it in r["iterations"]:
-            assert it["first_update_log_ratio"] == 0.0 and min(it["grad_norms"]) > 0 and it["skipped_steps"] == 0
+            # the first update is on-policy (every pair inside the trust region: a gradient); a later one
+            # may find every pair already past it (PCPO's hinge off: exactly 0, e.g. sd15 bf16 on some CPUs)
+            g = it["grad_norms"]
+            assert it["first_update_log_ratio"] == 0.0 and g[0] > 0 and it["skipped_steps"] == 0
+            assert all(math.isfinite(x) and x >= 0 for x in g)
 
 
 def test_gpu_check_exits_non_zero_on_a_failure():
