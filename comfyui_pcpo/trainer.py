@@ -196,17 +196,13 @@ class PCPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, grad_norms, skipped
 
-    def _forward_update(self, traj: Trajectory, rewards, predict, run_group, on_progress) -> dict:
+    def _forward_update(self, traj: Trajectory, rewards: torch.Tensor, adv, predict, run_group, on_progress) -> dict:
         """The forward-process objectives (``forward_objectives``): per micro-batch ``train_fraction`` of
         the grid's noise levels, the final latents re-noised there with fresh noise, the prediction
         with grad against the matching target, weighted by the advantage.  The rollout policy's
         prediction (nft's pred_old) is the first update's own prediction, detached."""
         cfg = self.config
         B = traj.batch_size
-        rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
-        if rewards.numel() != B:
-            raise ValueError(f"got {rewards.numel()} rewards for a trajectory of {B} samples")
-        adv = group_advantages(rewards, traj.group_ids, clip=cfg.adv_clip)
         loss_fn = get_forward_objective(cfg.objective)
         grid = final_grid(traj)
         family = traj.plan.family
@@ -289,13 +285,13 @@ class PCPOTrainer:
             raise ValueError("give exactly one of predict or run_group")
         cfg = self.config
         check_objective_fits(traj, cfg.objective)
-        if is_forward(cfg.objective):
-            return self._forward_update(traj, rewards, predict, run_group, on_progress)
         B, S = traj.batch_size, traj.num_steps
         rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
         if rewards.numel() != B:
             raise ValueError(f"got {rewards.numel()} rewards for a trajectory of {B} samples")
         adv = group_advantages(rewards, traj.group_ids, clip=cfg.adv_clip)
+        if is_forward(cfg.objective):
+            return self._forward_update(traj, rewards, adv, predict, run_group, on_progress)
         objective = get_objective(cfg.objective)
         cand = candidate_steps(traj)
         keep = max(1, int(round(cfg.train_fraction * cand.numel())))
