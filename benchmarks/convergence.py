@@ -267,10 +267,14 @@ def record_job(data: dict, key: str, res, json_path: str, wall0: float, t0: floa
           f"{len(data['jobs'])}/{total} jobs, {time.time() - t0:.0f} s)", flush=True)
 
 
-def resume(data: dict, cfg: dict, keys, json_path: str, seeds: int) -> None:
+def resume(data: dict, cfg: dict, keys, json_path: str, seeds: int, extendable=()) -> None:
     """Continue the run saved in ``data``: stop with a clear message if its configuration differs from
-    ``cfg`` in any of ``keys``; a larger ``seeds`` extends it (the seed count is not part of the match)."""
+    ``cfg`` in any of ``keys``; a larger ``seeds`` extends it (the seed count is not part of the match),
+    and so does a list of ``extendable`` (e.g. the arms) that keeps the saved one as its start."""
     old, new = ({x: c.get(x) for x in keys} for c in (data["config"], cfg))
+    for x in extendable:
+        if isinstance(old[x], list) and new[x][:len(old[x])] == old[x]:
+            old[x] = data["config"][x] = list(new[x])
     if old != new:
         raise SystemExit(f"{json_path} holds a run with another configuration:\n  {old}\nvs\n  {new}\n"
                          "(use another --json, or the same arguments to resume)")

@@ -1,5 +1,6 @@
-"""Faster iterations with an SDE window (PCPO SDE Window node): seconds per iteration, and the
-evaluation reward reached in equal compute time, for the full SDE rollout against windowed rollouts.
+"""Faster iterations and other objectives at equal compute: seconds per iteration, and the evaluation
+reward reached in equal compute time, for the full SDE rollout against windowed rollouts (PCPO SDE
+Window node) and against the objectives that learn from final images only (awm, nft).
 
 Regimes (``--regime``, both by default): ``demo`` (the demo diffusion model, 10 steps, ``simple``,
 eta 1, the PCPO arms on the uw-sigma rollout) and ``flow`` (the demo flow model, shift 3, 16 steps,
@@ -11,7 +12,15 @@ attention + MLP, AdamW at ``--lr``, 2 optimizer steps per rollout, objective ``p
 * ``full-half``: every step stochastic and recorded, train_fraction 0.5 (the demo workflow's);
 * ``wK-SOLVER``: a K-step SDE window sliding one step every ``--slide-every`` iterations, ComfyUI's
   deterministic SOLVER outside it, every window step trained (``--windows``, default
-  w2-euler, w3-euler, w3-dpmpp_2m).
+  w2-euler, w3-euler, w3-dpmpp_2m);
+* ``grpo-clip``: the full rollout (train fraction 1) with the clipped-ratio baseline objective;
+* ``awm-SOLVER``, ``nft-SOLVER``: Advantage Weighted Matching / DiffusionNFT, the rollout sampled by
+  ComfyUI's SOLVER (a SAMPLER wired into the Trajectory Sampler, final latents only), re-noised at
+  every grid level (train fraction 1), the papers' uniform time weighting (``--objectives`` adds these
+  and grpo-clip; default none).
+
+Every arm is compared with ``full`` (pcpo); the windows also with ``full-half``, and awm / nft also
+with ``grpo-clip``.
 
 Compute is measured as the CPU time of the job's process (one torch thread per process), so jobs
 running side by side in ``--workers`` processes do not distort each other's clock.  Each job trains
@@ -21,7 +30,7 @@ compute 0, budget/3, 2 budget/3 and the budget, so every arm is compared at equa
 the arms share the LoRA initialisation, the prompt sequence and the rollout seeds (paired).
 
 (regime, arm, seed) jobs are written into the JSON as they finish (atomically): a killed run resumes
-by skipping finished jobs; more ``--seeds`` extend it.
+by skipping finished jobs; more ``--seeds``, or more arms (``--windows``, ``--objectives``), extend it.
 
     python benchmarks/fast_rollout.py --seeds 4 --workers 2 --json benchmarks/fast_rollout.json
     python benchmarks/fast_rollout.py --report benchmarks/fast_rollout.json
@@ -58,14 +67,30 @@ CFG = 4.0
 CHECKPOINTS = (1 / 3, 2 / 3, 1.0)
 
 
-def parse_arm(arm: str):
-    """(window steps or 0, solver, train_fraction)."""
-    if arm == "full":
-        return 0, None, 1.0
-    if arm == "full-half":
-        return 0, None, 0.5
-    size, solver = arm[1:].split("-", 1)
-    return int(size), solver, 1.0
+FORWARD = ("awm", "nft")  # objectives trained on re-noised final images, sampled by a ComfyUI sampler
+BASES = {"full": None, "full-half": "w", "grpo-clip": FORWARD}  # base arm -> the arms compared with it
+
+
+def parse_arm(arm: str) -> dict:
+    """The arm's objective, SDE window size (0: none), ComfyUI solver (outside the window, or the whole
+    rollout of a forward-process objective) and train fraction."""
+    if arm in ("full", "full-half", "grpo-clip"):
+        return {"objective": "grpo-clip" if arm == "grpo-clip" else "pcpo", "window": 0, "solver": None,
+                "fraction": 0.5 if arm == "full-half" else 1.0}
+    head, solver = arm.split("-", 1)
+    if head in FORWARD:
+        return {"objective": head, "window": 0, "solver": solver, "fraction": 1.0}
+    if not (head[:1] == "w" and head[1:].isdigit()):
+        raise SystemExit(f"arm {arm!r}: use full, full-half, grpo-clip, wK-SOLVER, awm-SOLVER or nft-SOLVER")
+    return {"objective": "pcpo", "window": int(head[1:]), "solver": solver, "fraction": 1.0}
+
+
+def compared_with(base: str, arm: str) -> bool:
+    """Whether ``arm`` is compared with the base arm ``base`` in the report."""
+    if arm == base or arm in ("full", "full-half"):
+        return False
+    kinds = BASES[base]
+    return kinds is None or arm.startswith(kinds)
 
 
 def regime_cfg(regime: str, cfg: dict) -> dict:
@@ -101,13 +126,14 @@ def _host(regime: str, cfg: dict):
     return host, _EVALS[regime]
 
 
-def rollout(host, sess, prompts, rc, seed, window):
+def rollout(host, sess, prompts, rc, seed, window, sampler):
     node = host.N["PCPOTrajectorySampler"]()
     variant = "uw-sigma" if rc["model"] == "demo" else "native"
     import torch
     with torch.inference_mode():
         return node.sample(sess, rc["steps"], CFG, rc["group_size"], seed, rc["level"], variant,
-                           rc["rule"] or "constant", rc["scheduler"], 32, 32, 1, prompts=prompts, sde_window=window)
+                           rc["rule"] or "constant", rc["scheduler"], 32, 32, 1, prompts=prompts, sde_window=window,
+                           sampler=sampler)
 
 
 def run_job(job):
@@ -118,10 +144,13 @@ def run_job(job):
     seed = int(seed)
     rc = regime_cfg(regime, cfg)
     host, evaluate = _host(regime, cfg)
-    size, solver, fraction = parse_arm(arm)
-    window = None
-    if size:
-        window = host.N["PCPOSDEWindow"]().window(size, "sliding", 0, cfg["slide_every"], solver)[0]
+    a = parse_arm(arm)
+    window = sampler = None
+    if a["window"]:
+        window = host.N["PCPOSDEWindow"]().window(a["window"], "sliding", 0, cfg["slide_every"], a["solver"])[0]
+    elif a["solver"]:
+        import nodes
+        sampler = nodes.NODE_CLASS_MAPPINGS["KSamplerSelect"]().get_sampler(a["solver"])[0]
     sess = host.session(f"fast_{regime}_{arm}_{seed}", cfg["lr"], seed=seed)
     prompts = host.prompts(cfg["prompts_per_iteration"], seed=seed)
     t_wall = time.time()
@@ -129,9 +158,9 @@ def run_job(job):
     compute, its, marks = 0.0, [], [c * cfg["budget_s"] for c in CHECKPOINTS]
     while marks:
         c0 = time.process_time()
-        lat, batch = rollout(host, sess, prompts, rc, seed, window)
+        lat, batch = rollout(host, sess, prompts, rc, seed, window, sampler)
         c1 = time.process_time()
-        st = host.update(sess, batch, host.score(lat, batch), objective="pcpo", train_fraction=fraction,
+        st = host.update(sess, batch, host.score(lat, batch), objective=a["objective"], train_fraction=a["fraction"],
                          micro_batch=rc["group_size"], updates=cfg["updates"])
         c2 = time.process_time()
         compute += c2 - c0
@@ -180,11 +209,11 @@ def analyse(data) -> dict:
             row["max first-update |log ratio|"] = max(i["first_update_log_ratio"] for s in seeds[a]
                                                       for i in jobs[a, s]["iterations"])
             r["arms"][a] = row
-        for base in ("full", "full-half"):
+        for base in BASES:
             if base not in arms:
                 continue
             for a in arms:
-                if a.startswith("full"):
+                if not compared_with(base, a):
                     continue
                 common = sorted(set(seeds[a]) & set(seeds[base]))
                 if not common:
@@ -209,8 +238,8 @@ def _verdict(name, m, lo, hi, n):
         return f"not resolved ({n} seeds)"
     if name.startswith("speed-up"):
         return "resolved" if lo > 1 or hi < 1 else "not resolved"
-    if name.startswith("reward"):  # the target: no lower reward at equal compute
-        return "not lower (CI excludes a loss)" if lo > 0 else ("lower (resolved)" if hi < 0 else "not resolved")
+    if name.startswith("reward"):  # the window's target: no lower reward at equal compute
+        return "higher (CI excludes 0)" if lo > 0 else ("lower (CI excludes 0)" if hi < 0 else "not resolved")
     return "resolved" if lo > 0 or hi < 0 else "not resolved"
 
 
@@ -218,7 +247,7 @@ def report(data) -> dict:
     cfg = data["config"]
     res = analyse(data)
     print(f"\nSDE window benchmark: {cfg['prompts_per_iteration']} prompts x {cfg['group_size']} samples, lr {cfg['lr']:g}, "
-          f"{cfg['updates']} updates per rollout, objective pcpo, compute budget {cfg['budget_s']:g} s per job "
+          f"{cfg['updates']} updates per rollout, compute budget {cfg['budget_s']:g} s per job "
           f"(CPU time of one thread), sliding window every {cfg['slide_every']} iterations; evaluation on "
           f"{cfg['eval_captions']} captions x {cfg['eval_samples']} samples (fixed noise); wall {data.get('wall_s', 0) / 60:.1f} min")
     for regime, r in res.items():
@@ -250,6 +279,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regime", default="demo,flow")
     ap.add_argument("--windows", default="w2-euler,w3-euler,w3-dpmpp_2m")
+    ap.add_argument("--objectives", default="", help="other arms, e.g. grpo-clip,awm-euler,nft-euler")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=150.0)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -275,9 +305,10 @@ def main(argv=None) -> int:
     if args.smoke:
         args.json = _smoke.json_path(args.json)
         args.seeds, args.budget_s, args.workers, args.windows = 1, 0.5, 1, "w2-euler,w2-dpmpp_2m"
+        args.objectives = "grpo-clip,awm-euler,nft-dpmpp_2m"
         args.prompts_per_iteration, args.group_size, args.eval_captions, args.eval_samples = 1, 2, 2, 2
         args.true_per_caption, steps_override = 4, 4
-    arms = ["full", "full-half"] + [a for a in args.windows.split(",") if a]
+    arms = ["full", "full-half"] + [a for a in (args.windows + "," + args.objectives).split(",") if a]
     for a in arms:
         parse_arm(a)
     cfg = {"regimes": args.regime.split(","), "lr": args.lr, "prompts_per_iteration": args.prompts_per_iteration,
@@ -288,7 +319,7 @@ def main(argv=None) -> int:
     if args.json and os.path.exists(args.json):
         with open(args.json) as f:
             data = json.load(f)
-        resume(data, cfg, CONFIG_KEYS, args.json, args.seeds)
+        resume(data, cfg, CONFIG_KEYS, args.json, args.seeds, extendable=("arms",))
     else:
         data = {"config": cfg, "jobs": {}, "wall_s": 0.0}
     keys = [f"{r}/{a}/{s}" for s in range(args.seeds) for r in cfg["regimes"] for a in arms]

@@ -20,7 +20,7 @@ from comfyui_pcpo.step_plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, check_
                                 final_only_plan, flow_plan, prediction_from_denoised)
 from comfyui_pcpo.rollout import make_trajectory, rollout, windowed_rollout
 from comfyui_pcpo.sde_window import WINDOW_SCHEDULES, place_window
-from comfyui_pcpo.run_state import rollout_generator, step_noise_seed
+from comfyui_pcpo.run_state import rollout_generator, rollout_seed, step_noise_seed
 from comfyui_pcpo.trajectory import Trajectory
 from comfyui_pcpo.validate import memory_error, memory_estimate
 
@@ -209,7 +209,8 @@ class PCPOTrajectorySampler:
                        "The recorded rollout for the PCPO LoRA Update.")
     DESCRIPTION = ("Samples groups of images with the training policy (stochastic DDIM for eps/v models, the "
                    "reverse SDE for flow models) and records every transition. All samples of a group share one "
-                   "prompt and one initial noise.")
+                   "prompt and one initial noise. With a sampler wired in (for awm / nft), it samples with that "
+                   "sampler instead, each sample from its own noise, and records only the final images.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -219,7 +220,9 @@ class PCPOTrajectorySampler:
             "cfg": ("FLOAT", {"default": 4.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip":
                               "Classifier-free guidance scale (reference: 5). The policy is the guided prediction."}),
             "group_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":
-                                   "Samples per prompt sharing one initial noise (reference: 12-16); at least 2."}),
+                                   "Samples per prompt (reference: 12-16); at least 2. They start from one initial noise "
+                                   "and differ by the noise the steps add; with a sampler wired in, each starts from "
+                                   "its own noise."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip":
                              "Base seed; each iteration and group derive their own noise from it."}),
             "eta": ("FLOAT", {"default": 1.0, "min": MIN_ETA, "max": 1.0, "step": 0.01, "tooltip":
@@ -379,8 +382,11 @@ class PCPOTrajectorySampler:
 
     def _sample_final(self, session, sampler, sig, shape, conds, texts, G, seed, cfg, latent, micro_batch, iteration):
         """Each group sampled by a ComfyUI SAMPLER through ``comfy.sample.sample_custom`` (as
-        SamplerCustom runs it), its initial noise drawn as for the SDE rollout; only the final latents
-        are recorded (in the model's latent space, the forward process's x0)."""
+        SamplerCustom runs it); only the final latents are recorded (in the model's latent space, the
+        forward process's x0).  Unlike the SDE rollout, every sample of a group starts from its own
+        initial noise: a deterministic sampler (euler, dpmpp_2m) maps one noise to one image, and a group
+        of equal images has no advantage to learn from.  A stochastic sampler's step noise is seeded per
+        group and iteration too (never the initial noise's draw)."""
         model, fam = session.model, session.family
         check_memory(session, len(conds), G, 1, shape, float(cfg), micro_batch)
         raw = None
@@ -395,8 +401,8 @@ class PCPOTrajectorySampler:
         first_group = distributed.group_offset(len(conds))
         records, finals = [], []
         for g, (pos, neg) in enumerate(conds):
-            gen = rollout_generator(seed, iteration, first_group + g)
-            noise = torch.randn((1, *shape), generator=gen).repeat(G, *([1] * len(shape)))
+            group_seed = rollout_seed(seed, iteration, first_group + g)
+            noise = torch.randn((G, *shape), generator=torch.Generator().manual_seed(group_seed))
             base = torch.zeros_like(noise) if raw is None else raw[min(g, raw.shape[0] - 1):][:1].repeat(
                 G, *([1] * len(shape)))
 
@@ -404,7 +410,7 @@ class PCPOTrajectorySampler:
                 pbar.update(1)
                 interrupted()
             out = comfy.sample.sample_custom(model, noise, float(cfg), sampler, sig.float(), pos, neg, base,
-                                             callback=cb, disable_pbar=True, seed=seed)
+                                             callback=cb, disable_pbar=True, seed=step_noise_seed(group_seed))
             out = out.float().cpu()
             finals.append(out)
             x0 = model.model.process_latent_in(out)

@@ -211,6 +211,38 @@ def _sampler(name):
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_a_deterministic_sampler_gives_a_group_distinct_samples_and_a_real_reward_something_to_learn(
+        pcpo, tiny, comfy_dirs, family):
+    """euler maps one initial noise to one image: a group sharing its noise would be G equal images,
+    every reward alike and no advantage.  Each sample has its own noise, drawn from (seed, iteration,
+    group), so the same run draws the same rollout again; the reward of real decoded images spreads
+    within the group and the awm update moves the LoRA."""
+    tm = tiny.build(family)
+    node = pcpo.nodes["PCPOTrajectorySampler"]()
+
+    def sample(sess):
+        with torch.inference_mode():
+            return node.sample(sess, 4, 3.0, 4, 7, ETA[family], "uw-sigma", "constant", "simple", 64, 64, 2,
+                               positive=tm.cond(1, 5), negative=tm.uncond(1), sampler=_sampler("euler"))
+    sess = _session(pcpo, tm, f"fwd_distinct_{family}")
+    lat, batch = sample(sess)
+    x = lat["samples"].float()
+    for g in range(2):
+        group = x[4 * g:4 * g + 4].flatten(1)
+        assert torch.cdist(group, group).add(torch.eye(4) * 1e9).min() > 1e-3  # no two samples alike
+    lat2, _ = sample(_session(pcpo, tm, f"fwd_distinct_{family}_again"))  # same seed, same iteration
+    assert torch.equal(lat2["samples"], lat["samples"])
+    images = x[:, :3].permute(0, 2, 3, 1).clamp(-3, 3).add(3).div(6)  # the latents as images: rewards differ
+    with torch.inference_mode():
+        rw, _ = pcpo.nodes["PCPORewardScorer"]().score(images.contiguous(), batch, "brightness")
+        before = [p.detach().clone() for p in sess.params()]
+        out = pcpo.nodes["PCPOLoRAUpdate"]().update(sess, batch, rw, "awm", 1e-4, 5.0, 1.0, 4, 1.0, 1, 1, 1)
+    st = json.loads(out["result"][1])
+    assert st["zero_std_groups"] == 0 and st["reward_std"] > 0 and st["grad_norm"] > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, sess.params()))
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_any_comfyui_sampler_records_final_latents_and_awm_nft_train_on_them(pcpo, tiny, comfy_dirs, family):
     tm = tiny.build(family)
     sess = _session(pcpo, tm, f"fwd_{family}")
