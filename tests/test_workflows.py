@@ -42,6 +42,8 @@ FAMILY = {
     "pcpo_flux_dev_hps_ocr": "flux",
     "demo_tiny_human_rating": "demo",  # headless: no page to rate on, the unrated rule scores every group
     "demo_tiny_irg": "demo",  # sampling only (no training run): tests/test_irg.py runs it
+    "demo_tiny_awm": "demo",
+    "demo_tiny_nft": "demo",
 }
 NAMES = sorted(FAMILY)
 TRAINING = [n for n in NAMES if n != "demo_tiny_irg"]
@@ -136,6 +138,9 @@ def test_demo_cards_show_the_real_render_and_the_others_what_they_need():
     def colours(im):
         return len({im.getpixel((x, y)) for x in range(0, im.width, 2) for y in range(0, im.height, 2)})
     assert colours(demo.crop((0, 0, 512, 200))) > 500 > colours(card.crop((0, 70, 512, 200)))
+    # the awm / nft demos did not make that render: their cards show none
+    awm = BW.thumbnail(wfs["demo_tiny_awm"]).convert("RGB")
+    assert colours(awm.crop((0, 70, 512, 200))) < 500
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -586,8 +586,57 @@ def demo_irg() -> Workflow:
         nodes)
 
 
+FORWARD_NOTE = (
+    "## Learning from the final images ({name})\n\n"
+    "**KSamplerSelect** ({sampler}) is wired into the Trajectory Sampler's `sampler` input, so the rollout "
+    "samples with that ComfyUI sampler, each image from its own noise, and records only the final images "
+    "(the sampler's eta and rollout_variant are then unused). **PCPO LoRA Update** with objective `{objective}` "
+    "{how} Any sampler and scheduler work here, deterministic ones included; `pcpo`, `grpo-clip` and `ddpo` "
+    "need the PCPO rollout (unwire the sampler). `time_weighting` `proportionate` gives each noise level "
+    "PCPO's share instead of the paper's equal one (the same on this grid; it differs on flow models).\n\n"
+    "How it compares with pcpo at equal compute on this model: the README's *Learning from the final images*."
+)
+FORWARD_HOW = {
+    "awm": "(Advantage Weighted Matching) re-noises every final image at the grid's noise levels and trains the "
+           "model's own denoising loss on it, weighted by the image's advantage: images better than the rest of "
+           "their group are made more likely, worse ones less.",
+    "nft": "(DiffusionNFT) re-noises every final image at the grid's noise levels and contrasts two implicit "
+           "models around the sampling one: the better images of a group train the one moved towards them, the "
+           "worse ones the one moved away.",
+}
+
+
+def demo_forward(objective: str, sampler: str = "euler") -> Workflow:
+    """The demo with a ComfyUI sampler's final-only rollout and a forward-process objective."""
+    name = f"demo_tiny_{objective}"
+    paper = {"awm": "Advantage Weighted Matching", "nft": "DiffusionNFT"}[objective]
+    wf = _variant(demo(), name, f"Demo: {paper} ({objective}) on the embedded tiny model (CPU)",
+                  "PCPO on half of each trajectory's steps",
+                  f"objective `{objective}` ({paper}) on the final images re-noised at every grid level")
+    wf.summary = wf.summary.replace("10 DDIM steps (eta 1, cfg 4)",
+                                    f"10 `{sampler}` steps (KSamplerSelect into the Trajectory Sampler, cfg 4)")
+    for node in wf.nodes:
+        if node.type == "PCPOTrajectorySampler":
+            node.links["sampler"] = (11, 0)
+        elif node.type == "PCPOLoRAUpdate":
+            node.widgets.update(objective=objective, train_fraction=1.0, time_weighting="paper")
+        elif node.type == "MarkdownNote":
+            node.text = FORWARD_NOTE.format(name=paper, sampler=sampler, objective=objective,
+                                            how=FORWARD_HOW[objective]) + "\n\n" + LOOP_NOTE
+    wf.nodes.append(N(11, "KSamplerSelect", (880, 640), {"sampler_name": sampler}))
+    return wf
+
+
+def demo_awm() -> Workflow:
+    return demo_forward("awm")
+
+
+def demo_nft() -> Workflow:
+    return demo_forward("nft")
+
+
 WORKFLOWS: list[Callable[[], Workflow]] = [sd15, sdxl, flux, demo_monitored, sd15_aesthetic, sdxl_pickscore,
-                                           flux_hps_ocr, demo_human, demo_irg]
+                                           flux_hps_ocr, demo_human, demo_irg, demo_awm, demo_nft]
 
 
 # =========================================================================== building
@@ -923,7 +972,9 @@ def thumbnail(wf: Workflow):
     d = ImageDraw.Draw(img)
     w, h = THUMB_SIZE
     top = 0
-    if family == "Demo" and DEMO_RENDER.exists():
+    # the render is the pcpo demo run's: on the demo cards that train with pcpo or use its LoRA
+    pcpo_run = all(n.widgets.get("objective", "pcpo") == "pcpo" for n in wf.nodes if n.type == "PCPOLoRAUpdate")
+    if family == "Demo" and pcpo_run and DEMO_RENDER.exists():
         render = Image.open(DEMO_RENDER).convert("RGB")
         render = render.resize((w, round(render.height * w / render.width)), Image.LANCZOS)
         img.paste(render.crop((0, 0, w, min(render.height, 250))), (0, 0))
