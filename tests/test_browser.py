@@ -595,6 +595,47 @@ def test_run_pressed_twice_with_a_pcpo_lora_added_from_the_menu_trains_both_time
         assert term in text and term in title, (term, text, title)
 
 
+@pytest.mark.parametrize("added, socket, widgets, objective", [
+    ("KSamplerSelect", "sampler", {"sampler_name": "euler"}, "awm"),
+    ("PCPOSDEWindow", "sde_window", {"window_steps": 2, "schedule": "sliding", "slide_every": 1, "ode_sampler": "euler"}, "pcpo"),
+], ids=["sampler-awm", "sde-window-pcpo"])
+def test_run_pressed_twice_with_a_sampler_or_an_sde_window_added_from_the_menu(page, added, socket, widgets,
+                                                                             objective):
+    """The demo with a node added from the menu wired into the Trajectory Sampler (a ComfyUI sampler for
+    awm, or a PCPO SDE Window): both presses of Run train, and the run's metrics show what was wired."""
+    run = f"browser_{socket}_{uuid.uuid4().hex[:6]}"
+    page.load(_read(WORKFLOWS / "demo_tiny_pcpo.json"))
+    _shrink_demo(page, run, 1)
+    node = page.add_node(added, (880, 700))
+    page.set_widgets(node, widgets)
+    wired = page.js("""
+        const src = app.graph.getNodeById(arguments[0]), dst = app.graph.getNodeById(4);
+        const slot = dst.findInputSlot(arguments[1]);
+        if (slot < 0) return -1;
+        src.connect(0, dst, slot);
+        return dst.inputs[slot].link;""", node, socket)
+    assert wired is not None and wired >= 0, f"the Trajectory Sampler has no {socket} input to wire"
+    page.set_widgets(7, {"objective": objective})
+    for press in (1, 2):
+        page.button("Run", "Queue Prompt", "Queue")
+        page.wait(f"press {press} to be queued", lambda: len(_mine(page, run)) >= press, timeout=30)
+        _wait_idle(page)
+    mine = _mine(page, run)
+    assert [h["status"]["status_str"] for h in mine] == ["success", "success"], \
+        [m[1].get("exception_message") for h in mine for m in h["status"].get("messages", [])
+         if m[0] == "execution_error"]
+    ckpt = page.base / "output" / "pcpo" / run / "checkpoint.safetensors"
+    assert _safetensors_metadata(ckpt)["iteration"] == "2"
+    lines = [json.loads(x) for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [x["iteration"] for x in lines] == [1, 2] and {x["objective"] for x in lines} == {objective}
+    if socket == "sde_window":  # the steps trained (a clip fraction; None outside the window) slide by one
+        trained = [[i for i, c in enumerate(x["clip_fraction_per_step"]) if c is not None] for x in lines]
+        assert trained == [[0, 1], [1, 2]], trained
+    else:
+        assert all(x["zero_std_groups"] == 0 for x in lines)  # each sample from its own noise: rewards differ
+    page.shot(f"menu_{socket}")
+
+
 def _mine(page, run: str) -> list:
     history = page.server.get("/history")
     return [h for h in history.values() if run in json.dumps(h["prompt"][2])]
