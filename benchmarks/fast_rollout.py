@@ -35,6 +35,8 @@ by skipping finished jobs; more ``--seeds``, or more arms (``--windows``, ``--ob
     python benchmarks/fast_rollout.py --seeds 4 --workers 2 --json benchmarks/fast_rollout.json
     python benchmarks/fast_rollout.py --report benchmarks/fast_rollout.json
     python benchmarks/fast_rollout.py --smoke --json /tmp/fast_rollout.json      # seconds
+    python benchmarks/fast_rollout.py --seeds 3 --workers 2 --budget-s 180 --lr 4e-3 --base-arms full \
+        --windows "" --objectives grpo-clip,awm-euler,nft-euler --json benchmarks/objectives_ab.json
 
 The report per regime: seconds per iteration (rollout, update, total) per arm and its ratio to
 ``full`` measured in the same run; the evaluation reward at each compute checkpoint; the change from
@@ -280,6 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--regime", default="demo,flow")
     ap.add_argument("--windows", default="w2-euler,w3-euler,w3-dpmpp_2m")
     ap.add_argument("--objectives", default="", help="other arms, e.g. grpo-clip,awm-euler,nft-euler")
+    ap.add_argument("--base-arms", default="full,full-half", help="the full-rollout pcpo arms to run")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=150.0)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -308,7 +311,7 @@ def main(argv=None) -> int:
         args.objectives = "grpo-clip,awm-euler,nft-dpmpp_2m"
         args.prompts_per_iteration, args.group_size, args.eval_captions, args.eval_samples = 1, 2, 2, 2
         args.true_per_caption, steps_override = 4, 4
-    arms = ["full", "full-half"] + [a for a in (args.windows + "," + args.objectives).split(",") if a]
+    arms = [a for a in (args.base_arms + "," + args.windows + "," + args.objectives).split(",") if a]
     for a in arms:
         parse_arm(a)
     cfg = {"regimes": args.regime.split(","), "lr": args.lr, "prompts_per_iteration": args.prompts_per_iteration,

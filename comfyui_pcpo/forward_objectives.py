@@ -13,25 +13,36 @@ noise; A the clipped group advantage):
 flow; ComfyUI returns the denoised x0 and ``step_plan.prediction_from_denoised`` converts it), and
 l(pred) = mean over latent elements of (pred - target)^2.
 
-* ``awm`` -- Advantage Weighted Matching (Xue et al., ICML 2026; the velocity-matching loss of the
-  pretraining objective, weighted by the advantage):  loss = mean over pairs of  A w_s l(pred_new).
-  A > 0 lowers the matching error of that sample (raises its likelihood under the model's ELBO), A < 0
-  raises it.  Source: the paper's abstract and the public reimplementation notes of Flow-Factory
-  (X-GenGroup/Flow-Factory, guidance/algorithms.md, "AWM Weighting": l = |v_theta - (eps - x0)|^2
-  times a weighting w(l, t), the uniform one being plain l).  Reconstruction: the paper's code was not
-  reachable here; its optional stabilisers (a KL to an EMA policy, ratio clipping) are not applied.
+* ``awm`` -- Advantage Weighted Matching (Xue et al., ICML 2026).  The pretraining loss as a
+  log-likelihood surrogate per (sample, training time) pair, l_new = -w_s l(pred_new) (its ELBO up to
+  constants), in a clipped likelihood ratio like GRPO's:
+      rho = exp(l_new - l_old) = exp(w_s (l(pred_old) - l(pred_new))),
+      loss = mean over pairs of  max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),   eps = AWM_CLIP_RANGE = 1,
+  with pred_old the rollout policy's prediction at the same x_s (the parameters before this
+  iteration's first update, so rho = 1 there and the first gradient is A w_s grad l(pred_new)).  A > 0
+  lowers the sample's matching error (raises its likelihood), A < 0 raises it, and the exponential
+  makes that push fade as the error grows (a linear A l(pred_new) diverges on the negative samples).
+  Source: the reference code (scxue/advantage_weighted_matching, scripts/train_sd3_awm.py:
+  ``compute_log_prob_awm`` with the ``Uniform`` weighting, ``loss_type = 'exp_first'``, ``clip_range
+  = 1`` in config/dgx_awm.py).  Not applied: its KL terms to the reference model (beta 0.001-0.003)
+  and to an EMA of the policy, its EMA sampling policy, and its default ``ghuber`` weighting (``paper``
+  here is its ``Uniform``).
 * ``nft`` -- DiffusionNFT (Zheng et al., ICLR 2026; negative-aware fine-tuning on the forward
   process): the implicit positive and negative policies
       pred_+ = (1 - beta) pred_old + beta pred_new,   pred_- = (1 + beta) pred_old - beta pred_new,
-  with pred_old the rollout policy's prediction at the same x_s (the parameters before this
-  iteration's first update), and the optimality probability r = 0.5 + 0.5 clip(A, -1, 1) (A is
-  already the reward normalised within the group):
-      loss = mean over pairs of  w_s [ r l(pred_+) + (1 - r) l(pred_-) ].
+  with pred_old as for awm, the optimality probability r = 1/2 + clip(A, -c, c) / (2 c)
+  (c = NFT_ADV_CLIP = 5, the reference's adv_clip_max), and each prediction's error measured in x0
+  space (x0_hat = x_s - s pred in both families, so x0_hat - x0 = -s (pred - target)) with the
+  reference's adaptive, self-normalised scale:
+      L(pred) = mean((s (pred - target))^2) / sg(max(mean |s (pred - target)|, 1e-5)),
+      loss = mean over pairs of  w_s (c / beta) [r L(pred_+) + (1 - r) L(pred_-)].
   At r = 1/2 and pred_new = pred_old the gradient is 0; r > 1/2 pulls pred_new towards the target.
-  Source: the paper's abstract and method as summarised by Flow-Factory ("implicit positive and
-  negative policies v+ and v-, weighted by a normalized reward r in [0, 1]").  Reconstruction: the
-  paper's adaptive (self-normalised x0-space) loss scale and its EMA old policy are not applied; the
-  old policy is the policy that sampled the rollout.
+  Source: the reference code (NVlabs DiffusionNFT, as in its public mirrors, e.g.
+  Holosemantix/DiffusionNFT: ``positive_prediction``, ``implicit_negative_prediction``,
+  ``weight_factor``, ``ori_policy_loss * adv_clip_max``), beta = 1.  Not applied: its KL to the
+  reference model and its EMA old policy (the old policy here is the one that sampled the rollout);
+  for eps-prediction models (SD1.x/SDXL) the x0-space form is this module's transfer of the flow
+  formula (the reference trains SD3 and FLUX).
 
 Time weighting w_s (``time_weighting``):
 
@@ -55,6 +66,9 @@ import torch
 FORWARD_OBJECTIVES = ("awm", "nft")
 TIME_WEIGHTINGS = ("paper", "proportionate")
 NFT_BETA = 1.0
+NFT_ADV_CLIP = 5.0      # DiffusionNFT's adv_clip_max: r = 1/2 + clip(A, -c, c) / (2 c)
+NFT_MIN_SCALE = 1e-5    # the floor of its adaptive loss scale
+AWM_CLIP_RANGE = 1.0    # AWM's clip_range on the likelihood ratio
 
 
 def is_forward(objective: str) -> bool:
@@ -90,12 +104,14 @@ def time_weights(family: str, grid: torch.Tensor, weighting: str) -> torch.Tenso
 
 @dataclass
 class ForwardInputs:
-    """P pairs: advantages, weight (P,); pred_new (with grad), pred_old, target (P, ...)."""
+    """P pairs: advantages, weight (P,); pred_new (with grad), pred_old, target (P, ...); level (P,): the
+    noise level s of each pair (sigma or flow time), which nft's x0-space error needs."""
     advantages: torch.Tensor
     pred_new: torch.Tensor
     pred_old: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor
+    level: torch.Tensor | None = None
 
 
 def _err(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -108,21 +124,37 @@ def _prep(inp: ForwardInputs, dtype):
             inp.advantages.to(dev, dtype), inp.weight.to(dev, dtype))
 
 
-def awm_loss(inp: ForwardInputs, dtype: torch.dtype = torch.float32, **_):
-    """mean(A w l(pred_new)); metrics: the mean matching error."""
-    new, _old, tgt, A, w = _prep(inp, dtype)
-    err = _err(new, tgt)
-    loss = (A * w * err).mean()
-    return loss, {"matching_error": float(err.detach().mean()), "clip_fraction": 0.0}
-
-
-def nft_loss(inp: ForwardInputs, dtype: torch.dtype = torch.float32, beta: float = NFT_BETA, **_):
-    """mean(w [r l(pred_+) + (1 - r) l(pred_-)]), r = 0.5 + 0.5 clip(A, -1, 1)."""
+def awm_loss(inp: ForwardInputs, dtype: torch.dtype = torch.float32, clip_range: float = AWM_CLIP_RANGE, **_):
+    """mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps))), rho = exp(w (l(pred_old) - l(pred_new)));
+    metrics: the mean matching error and the share of pairs whose ratio left the clip range."""
     new, old, tgt, A, w = _prep(inp, dtype)
-    r = 0.5 + 0.5 * A.clamp(-1.0, 1.0)
+    err = _err(new, tgt)
+    rho = torch.exp(w * (_err(old, tgt) - err))
+    loss = torch.maximum(-A * rho, -A * rho.clamp(1.0 - clip_range, 1.0 + clip_range)).mean()
+    clipped = ((rho.detach() - 1.0).abs() > clip_range).to(dtype).mean()
+    return loss, {"matching_error": float(err.detach().mean()), "clip_fraction": float(clipped)}
+
+
+def _x0_error(pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor, floor: float) -> torch.Tensor:
+    """DiffusionNFT's adaptive x0-space error per pair: mean(d^2) / sg(max(mean |d|, floor)),
+    d = s (pred - target) = -(x0_hat - x0)."""
+    d = (pred - target).flatten(1) * level.reshape(-1, 1)
+    return d.pow(2).mean(1) / d.detach().abs().mean(1).clamp_min(floor)
+
+
+def nft_loss(inp: ForwardInputs, dtype: torch.dtype = torch.float32, beta: float = NFT_BETA,
+             adv_clip: float = NFT_ADV_CLIP, min_scale: float = NFT_MIN_SCALE, **_):
+    """mean(w (c / beta) [r L(pred_+) + (1 - r) L(pred_-)]), r = 1/2 + clip(A, -c, c) / (2 c);
+    ``min_scale`` is the floor of the adaptive scale (a floor above every mean |d| makes it constant)."""
+    new, old, tgt, A, w = _prep(inp, dtype)
+    if inp.level is None:
+        raise ValueError("nft needs the noise level of each pair (ForwardInputs.level)")
+    s = inp.level.to(new.device, dtype)
+    r = 0.5 + 0.5 * A.clamp(-adv_clip, adv_clip) / adv_clip
     pos = (1.0 - beta) * old + beta * new
     neg = (1.0 + beta) * old - beta * new
-    loss = (w * (r * _err(pos, tgt) + (1.0 - r) * _err(neg, tgt))).mean()
+    loss = (w * (adv_clip / beta) * (r * _x0_error(pos, tgt, s, min_scale)
+                                     + (1.0 - r) * _x0_error(neg, tgt, s, min_scale))).mean()
     return loss, {"matching_error": float(_err(new, tgt).detach().mean()), "clip_fraction": 0.0}
 
 

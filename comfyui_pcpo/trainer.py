@@ -218,7 +218,9 @@ class PCPOTrainer:
         perm = {(g, c): cand[torch.randperm(cand.numel(), generator=self.generator)[:keep]]
                 for g, chunks in mbs.items() for c in range(len(chunks))}
         old: dict = {}
-        st = {"loss": 0.0, "matching_error": 0.0, "approx_kl": 0.0, "done": 0, "pair_cnt": torch.zeros(grid.numel() - 1)}
+        st = {"loss": 0.0, "matching_error": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "done": 0,
+              "step_clipped": torch.zeros(grid.numel() - 1, dtype=torch.float64),
+              "step_seen": torch.zeros(grid.numel() - 1, dtype=torch.float64)}
 
         def work_for(g: int, u: int):
             def work(pred_fn: Predict) -> None:
@@ -236,17 +238,18 @@ class PCPOTrainer:
                             old[key] = pred_new.detach().float()
                         target = matching_target(family, x0_mb, noise).to(pred_new.device)
                         inp = ForwardInputs(adv.values[mb].to(pred_new.device), pred_new, old[key], target,
-                                            w_t[steps].to(pred_new.device))
+                                            w_t[steps].to(pred_new.device), s.to(pred_new.device))
                         loss, m = loss_fn(inp)
                         scaled = loss * (mb.numel() / total_pairs)
                         (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
                         frac = mb.numel() / total_pairs / n_updates
                         st["loss"] += float(loss.detach()) * frac
                         st["matching_error"] += m["matching_error"] * frac
+                        st["clip_fraction"] += m["clip_fraction"] * frac
+                        st["step_clipped"][int(step)] += m["clip_fraction"] * mb.numel()
+                        st["step_seen"][int(step)] += mb.numel()
                         with torch.no_grad():  # the size of the change of the prediction, as approx_kl
                             st["approx_kl"] += float(0.5 * (pred_new.detach().float() - old[key]).pow(2).mean()) * frac
-                        if u == 0:
-                            st["pair_cnt"][int(step)] += mb.numel()
                         st["done"] += 1
                         if on_progress is not None:
                             on_progress(st["done"], total_calls)
@@ -256,8 +259,9 @@ class PCPOTrainer:
         return {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
             "zero_std_groups": adv.zero_std_groups, "groups": adv.num_groups,
-            "loss": st["loss"], "clip_fraction": 0.0, "approx_kl": st["approx_kl"], "log_approx_error": 0.0,
-            "clip_fraction_per_step": [0.0 if n > 0 else None for n in st["pair_cnt"]],
+            "loss": st["loss"], "clip_fraction": st["clip_fraction"], "approx_kl": st["approx_kl"], "log_approx_error": 0.0,
+            "clip_fraction_per_step": [float(c / n) if n > 0 else None
+                                       for c, n in zip(st["step_clipped"], st["step_seen"])],
             "grad_norm": grad_norm, "grad_norms": grad_norms, "skipped_steps": skipped,
             "grad_scale": self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0,
             "first_update_log_ratio": 0.0, "pairs": total_pairs, "objective": cfg.objective,

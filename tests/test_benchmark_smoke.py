@@ -180,9 +180,10 @@ def test_collapse_smoke_evaluates_every_arm_from_the_same_base_model(tmp_path):
 
 
 def test_fast_rollout_smoke_windows_train_their_steps_only_and_replay_exactly(tmp_path):
-    """Both regimes, the full rollout (train fraction 1 and 0.5) and two windowed arms: a windowed
-    iteration trains its 2 window steps per sample, every update starts on-policy, and every arm is
-    evaluated at compute 0 on the same base model."""
+    """Both regimes, the full rollout (train fraction 1 and 0.5), two windowed arms, grpo-clip and the
+    forward-process arms: a windowed iteration trains its 2 window steps per sample, every update
+    starts on-policy, every arm is evaluated at compute 0 on the same base model, and each arm is
+    compared with the baselines it is meant for."""
     data, p = smoke("fast_rollout.py", tmp_path)
     jobs = data["jobs"]
     assert {j["regime"] for j in jobs.values()} == {"demo", "flow"}
@@ -195,9 +196,18 @@ def test_fast_rollout_smoke_windows_train_their_steps_only_and_replay_exactly(tm
             else:
                 assert it["window"] is None
     # 4 steps: the full rollout trains 3 steps per sample, train fraction 0.5 trains 2
+    # grpo-clip trains the full rollout; awm / nft every sample at each of the 4 grid levels
     assert {j["arm"]: j["iterations"][0]["pairs"] for j in jobs.values() if j["regime"] == "flow"} == {
-        "full": 6, "full-half": 4, "w2-euler": 4, "w2-dpmpp_2m": 4}
+        "full": 6, "full-half": 4, "w2-euler": 4, "w2-dpmpp_2m": 4, "grpo-clip": 6, "awm-euler": 8,
+        "nft-dpmpp_2m": 8}
+    # the forward-process arms learn (each sample from its own noise: the rewards of a group differ)
+    for j in jobs.values():
+        if j["arm"][:3] in ("awm", "nft"):
+            assert j["evals"][-1]["reward"] != j["evals"][0]["reward"], j["arm"]
     for regime in ("demo", "flow"):
         base = {j["evals"][0]["reward"] for j in jobs.values() if j["regime"] == regime}
         assert len(base) == 1
     assert "speed-up per iteration" in p.stdout
+    for pair in ("w2-euler vs full-half", "awm-euler vs grpo-clip", "nft-dpmpp_2m vs full", "grpo-clip vs full"):
+        assert f"| {pair} |" in p.stdout, pair
+    assert "| w2-euler vs grpo-clip |" not in p.stdout and "| awm-euler vs full-half |" not in p.stdout

@@ -3,6 +3,7 @@ gradients against float64 closed forms and finite differences, zero advantage, t
 on a one-parameter toy, the trainer on a final-only record, and the nodes with a ComfyUI sampler."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -17,49 +18,84 @@ from comfyui_pcpo.trajectory import Trajectory
 F64 = torch.float64
 
 
-def _inputs(P=6, E=(2, 3, 3), seed=0, adv=None):
+def _inputs(P=6, E=(2, 3, 3), seed=0, adv=None, spread=0.1):
     g = torch.Generator().manual_seed(seed)
     new = torch.randn(P, *E, generator=g, dtype=F64, requires_grad=True)
-    old = new.detach() + 0.1 * torch.randn(P, *E, generator=g, dtype=F64)
+    old = new.detach() + spread * torch.randn(P, *E, generator=g, dtype=F64)
     tgt = torch.randn(P, *E, generator=g, dtype=F64)
     A = torch.randn(P, generator=g, dtype=F64) * 1.5 if adv is None else adv
     w = torch.rand(P, generator=g, dtype=F64) + 0.5
-    return ForwardInputs(A, new, old, tgt, w)
+    level = torch.rand(P, generator=g, dtype=F64) * 0.9 + 0.05
+    return ForwardInputs(A, new, old, tgt, w, level)
 
 
-def test_awm_loss_and_gradient_are_the_closed_form():
-    inp = _inputs()
+def test_awm_loss_and_gradient_are_the_clipped_likelihood_ratio_closed_form():
+    """The reference's exp_first form: rho = exp(w (l_old - l_new)) per pair, the GRPO max with clip
+    range 1.  Old predictions far enough away put some pairs outside the range: those with A > 0 and
+    rho > 2 have no gradient, every other pair -A rho's."""
+    inp = _inputs(P=12, spread=1.5)
     P, E = inp.pred_new.shape[0], inp.pred_new[0].numel()
-    loss, m = awm_loss(inp, dtype=F64)
+    A, w, new, t = inp.advantages, inp.weight, inp.pred_new.detach(), inp.target
     col = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
-    err = ((inp.pred_new - inp.target) ** 2).flatten(1).mean(1)
-    assert float(loss) == pytest.approx(float((inp.advantages * inp.weight * err).mean()), rel=1e-14)
+    err = lambda x: ((x - t) ** 2).flatten(1).mean(1)  # noqa: E731
+    rho = torch.exp(w * (err(inp.pred_old) - err(new)))
+    live = ~((A > 0) & (rho > 2.0))  # rho > 0 always: the lower bound 0 never binds
+    assert 0 < int(live.sum()) < P and bool(((A < 0) & (rho > 2.0)).any())  # every case occurs
+    loss, m = awm_loss(inp, dtype=F64)
+    expect = torch.where(live, -A * rho, -A * rho.clamp(0.0, 2.0)).mean()
+    assert float(loss) == pytest.approx(float(expect), rel=1e-14)
     loss.backward()
-    ref = 2 * col(inp.advantages * inp.weight) * (inp.pred_new.detach() - inp.target) / (P * E)
+    ref = col(live * 2 * A * rho * w) * (new - t) / (P * E)
+    assert torch.allclose(inp.pred_new.grad, ref, rtol=1e-12, atol=1e-18)
+    assert m["matching_error"] == pytest.approx(float(err(new).mean()))
+    assert m["clip_fraction"] == pytest.approx(float(((rho - 1).abs() > 1).double().mean()))
+    # at the rollout policy (rho = 1) it is the advantage-weighted matching gradient A w grad l
+    inp = _inputs()
+    inp.pred_old = inp.pred_new.detach().clone()
+    awm_loss(inp, dtype=F64)[0].backward()
+    ref = col(2 * inp.advantages * inp.weight) * (inp.pred_new.detach() - inp.target) / (6 * E)
     assert torch.allclose(inp.pred_new.grad, ref, rtol=1e-12, atol=0)
-    assert m["matching_error"] == pytest.approx(float(err.mean()))
+
+
+def test_awm_push_on_a_negative_sample_fades_as_its_error_grows():
+    """The exponential bounds the damage of a negative advantage: the gradient on a sample with A < 0
+    shrinks as rho = exp(l_old - l_new) falls (a linear A l would push at full strength forever)."""
+    tgt = torch.zeros(1, 4, dtype=F64)
+    norms = []
+    for far in (0.0, 1.0, 3.0):
+        pred = torch.full((1, 4), far, dtype=F64, requires_grad=True)
+        awm_loss(ForwardInputs(torch.tensor([-1.0], dtype=F64), pred, torch.zeros(1, 4, dtype=F64), tgt,
+                               torch.ones(1, dtype=F64)), dtype=F64)[0].backward()
+        norms.append(float(pred.grad.norm()))
+    assert norms[1] > norms[2] and norms[2] < 0.01 * norms[1]  # a linear A l: 3x norms[1]
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.3])
 def test_nft_loss_and_gradient_are_the_closed_form(beta):
+    """The reference's x0-space loss with its adaptive (stop-gradient) scale, r from the advantage over 5."""
     inp = _inputs(seed=1)
     P, E = inp.pred_new.shape[0], inp.pred_new[0].numel()
     loss, _ = nft_loss(inp, dtype=F64, beta=beta)
     col = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
-    r = 0.5 + 0.5 * inp.advantages.clamp(-1, 1)
-    new, old, t = inp.pred_new.detach(), inp.pred_old, inp.target
+    r = 0.5 + inp.advantages.clamp(-5, 5) / 10
+    new, old, t, s = inp.pred_new.detach(), inp.pred_old, inp.target, inp.level
     pos, neg = (1 - beta) * old + beta * new, (1 + beta) * old - beta * new
-    e = lambda x: ((x - t) ** 2).flatten(1).mean(1)  # noqa: E731
-    assert float(loss) == pytest.approx(float((inp.weight * (r * e(pos) + (1 - r) * e(neg))).mean()), rel=1e-14)
+    scale = lambda x: (col(s) * (x - t)).abs().flatten(1).mean(1).clamp_min(1e-5)  # noqa: E731
+    L = lambda x: (col(s) * (x - t)).pow(2).flatten(1).mean(1) / scale(x)  # noqa: E731
+    expect = (inp.weight * (5 / beta) * (r * L(pos) + (1 - r) * L(neg))).mean()
+    assert float(loss) == pytest.approx(float(expect), rel=1e-14)
     loss.backward()
-    ref = 2 * beta * col(inp.weight) * (col(r) * (pos - t) - col(1 - r) * (neg - t)) / (P * E)
+    dpos = col(r / scale(pos)) * (pos - t)
+    dneg = col((1 - r) / scale(neg)) * (neg - t)
+    ref = 2 * 5 * col(inp.weight * s ** 2) * (dpos - dneg) / (P * E)
     assert torch.allclose(inp.pred_new.grad, ref, rtol=1e-12, atol=1e-18)
 
 
-@pytest.mark.parametrize("loss_fn", [awm_loss, nft_loss])
+@pytest.mark.parametrize("loss_fn", [awm_loss, functools.partial(nft_loss, min_scale=1e3)], ids=["awm", "nft"])
 def test_the_loss_of_a_tiny_model_matches_finite_differences(loss_fn):
     """pred = conv(x_s) of a 2-channel 1x1 convolution: d loss / d weight by autograd against central
-    differences in float64."""
+    differences in float64 (nft with its adaptive scale held constant by a high floor: the scale is a
+    stop-gradient, which finite differences would see; the closed-form test covers it)."""
     g = torch.Generator().manual_seed(4)
     conv = torch.nn.Conv2d(2, 2, 1).double()
     x0 = torch.randn(4, 2, 3, 3, generator=g, dtype=F64)
@@ -73,7 +109,7 @@ def test_the_loss_of_a_tiny_model_matches_finite_differences(loss_fn):
         old = conv(x_s) + 0.05
 
     def f():
-        return loss_fn(ForwardInputs(A, conv(x_s), old, tgt, w), dtype=F64)[0]
+        return loss_fn(ForwardInputs(A, conv(x_s), old, tgt, w, s), dtype=F64)[0]
     conv.zero_grad()
     f().backward()
     grad = conv.weight.grad.clone()
@@ -111,7 +147,8 @@ def test_a_gradient_step_raises_the_positive_samples_likelihood(loss_fn):
     tgt = torch.tensor([1.0, -1.0], dtype=F64).reshape(2, 1)
     A = torch.tensor([1.0, -1.0], dtype=F64)
     pred = theta.expand(2).reshape(2, 1)
-    loss, _ = loss_fn(ForwardInputs(A, pred, pred.detach().clone(), tgt, torch.ones(2, dtype=F64)), dtype=F64)
+    loss, _ = loss_fn(ForwardInputs(A, pred, pred.detach().clone(), tgt, torch.ones(2, dtype=F64),
+                                    torch.full((2,), 0.5, dtype=F64)), dtype=F64)
     loss.backward()
     new = float(theta - 0.1 * theta.grad)
     assert new > 0
