@@ -576,14 +576,7 @@ def test_run_pressed_twice_with_a_pcpo_lora_added_from_the_menu_trains_both_time
     page.set_widgets(7, {"iterations_per_queue": 1, "checkpoint_every": 1, "micro_batch": 4})
     page.set_widgets(8, {"filename": "pcpo/{run}"})
     seed = page.widget_values(lora)["seed"]
-    for press in (1, 2):
-        page.button("Run", "Queue Prompt", "Queue")
-        page.wait(f"press {press} to be queued", lambda: len(_mine(page, run)) >= press, timeout=30)
-        _wait_idle(page)
-    mine = _mine(page, run)
-    assert [h["status"]["status_str"] for h in mine] == ["success", "success"], \
-        [m[1].get("exception_message") for h in mine for m in h["status"].get("messages", [])
-         if m[0] == "execution_error"]
+    _press_run_twice(page, run)
     assert page.widget_values(lora)["seed"] == seed
     ckpt = page.base / "output" / "pcpo" / run / "checkpoint.safetensors"
     assert _safetensors_metadata(ckpt)["iteration"] == "2"
@@ -616,14 +609,7 @@ def test_run_pressed_twice_with_a_sampler_or_an_sde_window_added_from_the_menu(p
         return dst.inputs[slot].link;""", node, socket)
     assert wired is not None and wired >= 0, f"the Trajectory Sampler has no {socket} input to wire"
     page.set_widgets(7, {"objective": objective})
-    for press in (1, 2):
-        page.button("Run", "Queue Prompt", "Queue")
-        page.wait(f"press {press} to be queued", lambda: len(_mine(page, run)) >= press, timeout=30)
-        _wait_idle(page)
-    mine = _mine(page, run)
-    assert [h["status"]["status_str"] for h in mine] == ["success", "success"], \
-        [m[1].get("exception_message") for h in mine for m in h["status"].get("messages", [])
-         if m[0] == "execution_error"]
+    _press_run_twice(page, run)
     ckpt = page.base / "output" / "pcpo" / run / "checkpoint.safetensors"
     assert _safetensors_metadata(ckpt)["iteration"] == "2"
     lines = [json.loads(x) for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -634,6 +620,18 @@ def test_run_pressed_twice_with_a_sampler_or_an_sde_window_added_from_the_menu(p
     else:
         assert all(x["zero_std_groups"] == 0 for x in lines)  # each sample from its own noise: rewards differ
     page.shot(f"menu_{socket}")
+
+
+def _press_run_twice(page, run: str) -> None:
+    """Press Run twice, each after the last press's prompts finished; both of ``run``'s prompts succeed."""
+    for press in (1, 2):
+        page.button("Run", "Queue Prompt", "Queue")
+        page.wait(f"press {press} to be queued", lambda: len(_mine(page, run)) >= press, timeout=30)
+        _wait_idle(page)
+    mine = _mine(page, run)
+    assert [h["status"]["status_str"] for h in mine] == ["success", "success"], \
+        [m[1].get("exception_message") for h in mine for m in h["status"].get("messages", [])
+         if m[0] == "execution_error"]
 
 
 def _mine(page, run: str) -> list:
