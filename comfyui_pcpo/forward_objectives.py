@@ -15,18 +15,22 @@ l(pred) = mean over latent elements of (pred - target)^2.
 
 * ``awm`` -- Advantage Weighted Matching (Xue et al., ICML 2026).  The pretraining loss as a
   log-likelihood surrogate per (sample, training time) pair, l_new = -w_s l(pred_new) (its ELBO up to
-  constants), in a clipped likelihood ratio like GRPO's:
-      rho = exp(l_new - l_old) = exp(w_s (l(pred_old) - l(pred_new))),
-      loss = mean over pairs of  max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),   eps = AWM_CLIP_RANGE = 1,
-  with pred_old the rollout policy's prediction at the same x_s (the parameters before this
-  iteration's first update, so rho = 1 there and the first gradient is A w_s grad l(pred_new)).  A > 0
-  lowers the sample's matching error (raises its likelihood), A < 0 raises it, and the exponential
-  makes that push fade as the error grows (a linear A l(pred_new) diverges on the negative samples).
+  constants), in a clipped likelihood ratio like GRPO's, plus a proximal term to the rollout policy:
+      rho = exp(l_new - l_old) = exp(w_s (l(pred_old) - l(pred_new))),   a = clip(A, -c, c) / c,
+      loss = mean over pairs of  max(-a rho, -a clip(rho, 1 - eps, 1 + eps)) + lam l(pred_new; pred_old),
+  with eps = AWM_CLIP_RANGE = 1, c = AWM_ADV_CLIP = 5, lam = AWM_PROXIMAL = 1 and pred_old the
+  rollout policy's prediction at the same x_s (the parameters before this iteration's first update,
+  so rho = 1 there and the first gradient is a w_s grad l(pred_new)).  a > 0 lowers the sample's
+  matching error (raises its likelihood), a < 0 raises it; the exponential makes that push fade as
+  the error grows and the proximal term pulls the prediction back towards the rollout policy's.
   Source: the reference code (scxue/advantage_weighted_matching, scripts/train_sd3_awm.py:
-  ``compute_log_prob_awm`` with the ``Uniform`` weighting, ``loss_type = 'exp_first'``, ``clip_range
-  = 1`` in config/dgx_awm.py).  Not applied: its KL terms to the reference model (beta 0.001-0.003)
-  and to an EMA of the policy, its EMA sampling policy, and its default ``ghuber`` weighting (``paper``
-  here is its ``Uniform``).
+  ``compute_log_prob_awm`` with the ``Uniform`` weighting, ``loss_type = 'exp_first'``, and
+  config/dgx_awm.py: ``clip_range = 1``, advantages clipped at ``adv_clip_max`` 5 and scaled to
+  ``advantage_max`` 1, ``ema_beta = 1`` with ``kl_ema_weight = 'Uniform'``).  Reconstructed: the
+  reference's proximal term is to an EMA of the policy updated once per epoch with decay
+  min(0.3, 0.001 step), which early in training is the policy that sampled the epoch; here it is
+  always that rollout policy.  Not applied: its KL to the base model (beta 0.001), its EMA sampling
+  policy and its default ``ghuber`` error shape (``paper`` here is its ``Uniform``).
 * ``nft`` -- DiffusionNFT (Zheng et al., ICLR 2026; negative-aware fine-tuning on the forward
   process): the implicit positive and negative policies
       pred_+ = (1 - beta) pred_old + beta pred_new,   pred_- = (1 + beta) pred_old - beta pred_new,
@@ -69,6 +73,8 @@ NFT_BETA = 1.0
 NFT_ADV_CLIP = 5.0      # DiffusionNFT's adv_clip_max: r = 1/2 + clip(A, -c, c) / (2 c)
 NFT_MIN_SCALE = 1e-5    # the floor of its adaptive loss scale
 AWM_CLIP_RANGE = 1.0    # AWM's clip_range on the likelihood ratio
+AWM_ADV_CLIP = 5.0      # AWM's adv_clip_max: advantages clipped there and divided by it (advantage_max 1)
+AWM_PROXIMAL = 1.0      # AWM's ema_beta: the weight of the proximal term to the rollout policy
 
 
 def is_forward(objective: str) -> bool:
@@ -124,13 +130,17 @@ def _prep(inp: ForwardInputs, dtype):
             inp.advantages.to(dev, dtype), inp.weight.to(dev, dtype))
 
 
-def awm_loss(inp: ForwardInputs, dtype: torch.dtype = torch.float32, clip_range: float = AWM_CLIP_RANGE, **_):
-    """mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps))), rho = exp(w (l(pred_old) - l(pred_new)));
-    metrics: the mean matching error and the share of pairs whose ratio left the clip range."""
+def awm_loss(inp: ForwardInputs, dtype: torch.dtype = torch.float32, clip_range: float = AWM_CLIP_RANGE,
+             adv_clip: float = AWM_ADV_CLIP, proximal: float = AWM_PROXIMAL, **_):
+    """mean(max(-a rho, -a clip(rho, 1 - eps, 1 + eps)) + lam l(pred_new; pred_old)),
+    rho = exp(w (l(pred_old) - l(pred_new))), a = clip(A, -c, c) / c; metrics: the mean matching error
+    and the share of pairs whose ratio left the clip range."""
     new, old, tgt, A, w = _prep(inp, dtype)
+    a = A.clamp(-adv_clip, adv_clip) / adv_clip
     err = _err(new, tgt)
     rho = torch.exp(w * (_err(old, tgt) - err))
-    loss = torch.maximum(-A * rho, -A * rho.clamp(1.0 - clip_range, 1.0 + clip_range)).mean()
+    policy = torch.maximum(-a * rho, -a * rho.clamp(1.0 - clip_range, 1.0 + clip_range))
+    loss = (policy + proximal * _err(new, old)).mean()
     clipped = ((rho.detach() - 1.0).abs() > clip_range).to(dtype).mean()
     return loss, {"matching_error": float(err.detach().mean()), "clip_fraction": float(clipped)}
 

@@ -31,21 +31,25 @@ def _inputs(P=6, E=(2, 3, 3), seed=0, adv=None, spread=0.1):
 
 def test_awm_loss_and_gradient_are_the_clipped_likelihood_ratio_closed_form():
     """The reference's exp_first form: rho = exp(w (l_old - l_new)) per pair, the GRPO max with clip
-    range 1.  Old predictions far enough away put some pairs outside the range: those with A > 0 and
-    rho > 2 have no gradient, every other pair -A rho's."""
+    range 1 on the advantage clipped at 5 and divided by 5, plus the proximal term |pred - pred_old|^2.
+    Old predictions far enough away put some pairs outside the range: those with A > 0 and rho > 2
+    have no policy gradient, every other pair -a rho's."""
     inp = _inputs(P=12, spread=1.5)
+    inp.advantages = inp.advantages * 3  # some beyond the clip at 5
     P, E = inp.pred_new.shape[0], inp.pred_new[0].numel()
-    A, w, new, t = inp.advantages, inp.weight, inp.pred_new.detach(), inp.target
+    A, w, new, t = inp.advantages.clamp(-5, 5) / 5, inp.weight, inp.pred_new.detach(), inp.target
+    assert bool((inp.advantages.abs() > 5).any())
     col = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
     err = lambda x: ((x - t) ** 2).flatten(1).mean(1)  # noqa: E731
     rho = torch.exp(w * (err(inp.pred_old) - err(new)))
     live = ~((A > 0) & (rho > 2.0))  # rho > 0 always: the lower bound 0 never binds
     assert 0 < int(live.sum()) < P and bool(((A < 0) & (rho > 2.0)).any())  # every case occurs
     loss, m = awm_loss(inp, dtype=F64)
-    expect = torch.where(live, -A * rho, -A * rho.clamp(0.0, 2.0)).mean()
+    expect = (torch.where(live, -A * rho, -A * rho.clamp(0.0, 2.0)) + (
+        (new - inp.pred_old) ** 2).flatten(1).mean(1)).mean()
     assert float(loss) == pytest.approx(float(expect), rel=1e-14)
     loss.backward()
-    ref = col(live * 2 * A * rho * w) * (new - t) / (P * E)
+    ref = (col(live * 2 * A * rho * w) * (new - t) + 2 * (new - inp.pred_old)) / (P * E)
     assert torch.allclose(inp.pred_new.grad, ref, rtol=1e-12, atol=1e-18)
     assert m["matching_error"] == pytest.approx(float(err(new).mean()))
     assert m["clip_fraction"] == pytest.approx(float(((rho - 1).abs() > 1).double().mean()))
@@ -53,7 +57,7 @@ def test_awm_loss_and_gradient_are_the_clipped_likelihood_ratio_closed_form():
     inp = _inputs()
     inp.pred_old = inp.pred_new.detach().clone()
     awm_loss(inp, dtype=F64)[0].backward()
-    ref = col(2 * inp.advantages * inp.weight) * (inp.pred_new.detach() - inp.target) / (6 * E)
+    ref = col(2 * inp.advantages.clamp(-5, 5) / 5 * inp.weight) * (inp.pred_new.detach() - inp.target) / (6 * E)
     assert torch.allclose(inp.pred_new.grad, ref, rtol=1e-12, atol=0)
 
 
@@ -62,10 +66,10 @@ def test_awm_push_on_a_negative_sample_fades_as_its_error_grows():
     shrinks as rho = exp(l_old - l_new) falls (a linear A l would push at full strength forever)."""
     tgt = torch.zeros(1, 4, dtype=F64)
     norms = []
-    for far in (0.0, 1.0, 3.0):
+    for far in (0.0, 1.0, 3.0):  # (the proximal term left out: it pulls back in proportion to the move)
         pred = torch.full((1, 4), far, dtype=F64, requires_grad=True)
         awm_loss(ForwardInputs(torch.tensor([-1.0], dtype=F64), pred, torch.zeros(1, 4, dtype=F64), tgt,
-                               torch.ones(1, dtype=F64)), dtype=F64)[0].backward()
+                               torch.ones(1, dtype=F64)), dtype=F64, proximal=0.0)[0].backward()
         norms.append(float(pred.grad.norm()))
     assert norms[1] > norms[2] and norms[2] < 0.01 * norms[1]  # a linear A l: 3x norms[1]
 
@@ -127,15 +131,18 @@ def test_the_loss_of_a_tiny_model_matches_finite_differences(loss_fn):
 
 
 def test_zero_advantage_gives_zero_gradient():
+    """At the rollout policy (pred_new = pred_old, the first update) zero advantages give exactly zero
+    gradient; away from it awm keeps only its proximal pull back to the rollout policy."""
     A0 = torch.zeros(6, dtype=F64)
+    for loss_fn in (awm_loss, nft_loss):
+        inp = _inputs(adv=A0)
+        inp.pred_old = inp.pred_new.detach().clone()
+        loss_fn(inp, dtype=F64)[0].backward()
+        assert float(inp.pred_new.grad.abs().max()) == 0.0
     inp = _inputs(adv=A0)
     awm_loss(inp, dtype=F64)[0].backward()
-    assert float(inp.pred_new.grad.abs().max()) == 0.0
-    # nft: at the rollout policy (pred_new = pred_old, the first update) r = 1/2 cancels exactly
-    inp = _inputs(adv=A0)
-    inp.pred_old = inp.pred_new.detach().clone()
-    nft_loss(inp, dtype=F64)[0].backward()
-    assert float(inp.pred_new.grad.abs().max()) == 0.0
+    E = inp.pred_new[0].numel()
+    assert torch.allclose(inp.pred_new.grad, 2 * (inp.pred_new.detach() - inp.pred_old) / (6 * E), rtol=1e-12)
 
 
 @pytest.mark.parametrize("loss_fn", [awm_loss, nft_loss])
