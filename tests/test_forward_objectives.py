@@ -47,7 +47,7 @@ def test_awm_loss_and_gradient_are_the_clipped_likelihood_ratio_closed_form():
     loss, m = awm_loss(inp, dtype=F64)
     expect = (torch.where(live, -A * rho, -A * rho.clamp(0.0, 2.0)) + (
         (new - inp.pred_old) ** 2).flatten(1).mean(1)).mean()
-    assert float(loss) == pytest.approx(float(expect), rel=1e-14)
+    assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-14)
     loss.backward()
     ref = (col(live * 2 * A * rho * w) * (new - t) + 2 * (new - inp.pred_old)) / (P * E)
     assert torch.allclose(inp.pred_new.grad, ref, rtol=1e-12, atol=1e-18)
@@ -87,7 +87,7 @@ def test_nft_loss_and_gradient_are_the_closed_form(beta):
     scale = lambda x: (col(s) * (x - t)).abs().flatten(1).mean(1).clamp_min(1e-5)  # noqa: E731
     L = lambda x: (col(s) * (x - t)).pow(2).flatten(1).mean(1) / scale(x)  # noqa: E731
     expect = (inp.weight * (5 / beta) * (r * L(pos) + (1 - r) * L(neg))).mean()
-    assert float(loss) == pytest.approx(float(expect), rel=1e-14)
+    assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-14)
     loss.backward()
     dpos = col(r / scale(pos)) * (pos - t)
     dneg = col((1 - r) / scale(neg)) * (neg - t)
