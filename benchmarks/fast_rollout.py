@@ -17,7 +17,7 @@ attention + MLP, AdamW at ``--lr``, 2 optimizer steps per rollout, objective ``p
 * ``awm-SOLVER``, ``nft-SOLVER``: Advantage Weighted Matching / DiffusionNFT, the rollout sampled by
   ComfyUI's SOLVER (a SAMPLER wired into the Trajectory Sampler, final latents only), re-noised at
   every grid level (train fraction 1), the papers' uniform time weighting (``--objectives`` adds these
-  and grpo-clip; default none).  Any arm may end in ``@lrX``: its own learning rate instead of ``--lr``.
+  and grpo-clip; default none).
 
 Every arm is compared with ``full`` (pcpo); the windows also with ``full-half``, and awm / nft also
 with ``grpo-clip``.
@@ -75,18 +75,7 @@ BASES = {"full": None, "full-half": "w", "grpo-clip": FORWARD}  # base arm -> th
 
 def parse_arm(arm: str) -> dict:
     """The arm's objective, SDE window size (0: none), ComfyUI solver (outside the window, or the whole
-    rollout of a forward-process objective), train fraction and learning rate (None: ``--lr``; an
-    ``@lrX`` suffix, e.g. ``awm-euler@lr4e-4``, sets the arm's own)."""
-    arm, _, lr = arm.partition("@lr")
-    out = _parse_arm(arm)
-    try:
-        out["lr"] = float(lr) if lr else None
-    except ValueError:
-        raise SystemExit(f"arm {arm}@lr{lr}: the learning rate after @lr must be a number") from None
-    return out
-
-
-def _parse_arm(arm: str) -> dict:
+    rollout of a forward-process objective) and train fraction."""
     if arm in ("full", "full-half", "grpo-clip"):
         return {"objective": "grpo-clip" if arm == "grpo-clip" else "pcpo", "window": 0, "solver": None,
                 "fraction": 0.5 if arm == "full-half" else 1.0}
@@ -164,7 +153,7 @@ def run_job(job):
     elif a["solver"]:
         import nodes
         sampler = nodes.NODE_CLASS_MAPPINGS["KSamplerSelect"]().get_sampler(a["solver"])[0]
-    sess = host.session(f"fast_{regime}_{arm}_{seed}", a["lr"] or cfg["lr"], seed=seed)
+    sess = host.session(f"fast_{regime}_{arm}_{seed}", cfg["lr"], seed=seed)
     prompts = host.prompts(cfg["prompts_per_iteration"], seed=seed)
     t_wall = time.time()
     evals = [dict(evaluate(sess), iteration=0, compute_s=0.0)]
