@@ -20,7 +20,7 @@ from comfyui_pcpo.step_plan import (FLOW_NOISE_RULES, VARIANTS, StepPlan, check_
                                 final_only_plan, flow_plan, prediction_from_denoised)
 from comfyui_pcpo.rollout import make_trajectory, rollout, windowed_rollout
 from comfyui_pcpo.sde_window import WINDOW_SCHEDULES, place_window
-from comfyui_pcpo.run_state import rollout_generator, rollout_seed, step_noise_seed
+from comfyui_pcpo.run_state import rollout_generator, step_noise_seed
 from comfyui_pcpo.trajectory import Trajectory
 from comfyui_pcpo.validate import memory_error, memory_estimate
 
@@ -401,8 +401,8 @@ class PCPOTrajectorySampler:
         first_group = distributed.group_offset(len(conds))
         records, finals = [], []
         for g, (pos, neg) in enumerate(conds):
-            group_seed = rollout_seed(seed, iteration, first_group + g)
-            noise = torch.randn((G, *shape), generator=torch.Generator().manual_seed(group_seed))
+            gen = rollout_generator(seed, iteration, first_group + g)
+            noise = torch.randn((G, *shape), generator=gen)
             base = torch.zeros_like(noise) if raw is None else raw[min(g, raw.shape[0] - 1):][:1].repeat(
                 G, *([1] * len(shape)))
 
@@ -410,7 +410,7 @@ class PCPOTrajectorySampler:
                 pbar.update(1)
                 interrupted()
             out = comfy.sample.sample_custom(model, noise, float(cfg), sampler, sig.float(), pos, neg, base,
-                                             callback=cb, disable_pbar=True, seed=step_noise_seed(group_seed))
+                                             callback=cb, disable_pbar=True, seed=step_noise_seed(gen.initial_seed()))
             out = out.float().cpu()
             finals.append(out)
             x0 = model.model.process_latent_in(out)
