@@ -5,9 +5,11 @@ Regimes (``--regime``):
 
 * ``flow``: the demo flow model (tiny SD3-shaped MMDiT), shift 3, 16 steps, the ``constant``
   (DanceGRPO, eta 0.3) noise rule; its native weights spread about 3x.
-* ``d20``: the demo diffusion model at 20 steps, eta 1, on the scheduler chosen from the weight
-  spread table (``--spread-table`` prints it per scheduler and step count with the cost per
-  iteration); the PCPO arm samples with the uw-sigma rollout, the baseline with the native one.
+* ``diffusion``: the demo diffusion model at 10 steps, eta 1, ``normal`` scheduler, chosen from the
+  weight spread table (``--spread-table`` prints it per scheduler and step count with the cost per
+  iteration): native weights 1.4-2.7 and one of 38 at the second-to-last step (27x, the shape of the
+  paper's SD1.x grid), the same shape as 20 steps (22x) at half the cost; ``--steps 20`` runs that.
+  The PCPO arm samples with the uw-sigma rollout, the baseline with the native one.
 
 The demo's training set-up: 4 prompts x 8 samples per iteration from the 29 training captions,
 rank-8 LoRA on attention + MLP, AdamW, 2 optimizer steps per rollout, train fraction 0.5,
@@ -31,7 +33,7 @@ written into the JSON at once (atomically), so a killed run resumes by skipping 
 
     python benchmarks/collapse.py --regime flow --seeds 6 --iterations 60 --json benchmarks/collapse_flow.json
     python benchmarks/collapse.py --report benchmarks/collapse_flow.json [--figure docs/collapse_flow.png]
-    python benchmarks/collapse.py --regime d20 --spread-table          # the grid choice, with costs
+    python benchmarks/collapse.py --regime diffusion --spread-table    # the grid choice, with costs
     python benchmarks/collapse.py --smoke --json /tmp/collapse.json    # seconds
 
 The report per arm (95% bootstrap CIs over seeds, differences PCPO - baseline paired by seed):
@@ -60,7 +62,7 @@ from convergence import bootstrap_ci, fmt_ci, paired_difference, record_job, res
 
 REGIMES = {  # regime -> model, steps, scheduler, eta / level, flow rule
     "flow": ("flow", 16, "simple", 0.3, "constant"),
-    "d20": ("demo", 20, "normal", 1.0, None),
+    "diffusion": ("demo", 10, "normal", 1.0, None),
 }
 ARMS = {"pcpo": "pcpo", "grpo-clip": "grpo-clip"}
 CONFIG_KEYS = ("regime", "steps", "scheduler", "level", "lr", "aggressive_lr", "prompts_per_iteration", "group_size",
@@ -356,7 +358,7 @@ def plot(data, res, path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regime", choices=tuple(REGIMES), default="flow")
-    ap.add_argument("--scheduler", default="", help="(d20) override the grid's scheduler")
+    ap.add_argument("--scheduler", default="", help="(diffusion) override the grid's scheduler")
     ap.add_argument("--steps", type=int, default=0, help="override the regime's step count")
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--iterations", type=int, default=60)
@@ -405,7 +407,7 @@ def main(argv=None) -> int:
     if args.json and os.path.exists(args.json):
         with open(args.json) as f:
             data = json.load(f)
-        resume(data, cfg, CONFIG_KEYS, args.json, args.seeds)
+        resume(data, cfg, CONFIG_KEYS, args.json, args.seeds, extendable=("arms",))
     else:
         data = {"config": cfg, "jobs": {}, "wall_s": 0.0}
     keys = [f"{arm}/{s}" for s in range(args.seeds) for arm in cfg["arms"]]

@@ -159,8 +159,10 @@ def test_variance_smoke_records_each_arms_gradient_of_one_unmoved_model_state(tm
     assert "inverse SNR ratio" in p.stdout and "share of a group's gradient norm" in p.stdout
 
 
-def test_collapse_smoke_evaluates_every_arm_from_the_same_base_model(tmp_path):
-    data, p = smoke("collapse.py", tmp_path)
+@pytest.mark.parametrize("regime", ["flow", "diffusion"])
+def test_collapse_smoke_evaluates_every_arm_from_the_same_base_model(tmp_path, regime):
+    data, p = smoke("collapse.py", tmp_path, "--regime", regime)
+    assert data["config"]["model"] == ("flow" if regime == "flow" else "demo")
     jobs = data["jobs"]
     assert set(jobs) == {f"{a}/0" for a in ("pcpo", "grpo-clip", "pcpo@aggressive", "grpo-clip@aggressive")}
     cfg = data["config"]
@@ -177,6 +179,35 @@ def test_collapse_smoke_evaluates_every_arm_from_the_same_base_model(tmp_path):
     assert all(j["evals"][-1]["fd"] != j["evals"][0]["fd"] for j in jobs.values())
     assert data["true_diversity"] > 0
     assert "difference PCPO - grpo-clip" in p.stdout
+
+
+def test_collapse_run_extends_with_new_arms_and_refuses_another_configuration(tmp_path):
+    """A run started with two arms resumes with the aggressive arms added: only the new jobs run, the
+    finished ones are kept as they were; the same JSON with another learning rate is refused and left
+    as it was."""
+    out = tmp_path / "collapse_diffusion.json"
+    tiny = ["--regime", "diffusion", "--seeds", "1", "--iterations", "1", "--eval-every", "1", "--steps", "4",
+            "--prompts-per-iteration", "1", "--group-size", "2", "--eval-captions", "2", "--eval-samples", "2",
+            "--true-per-caption", "4", "--json", str(out)]
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(BENCH / "collapse.py"), *tiny, *args], capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path)))
+
+    p = run("--arms", "pcpo,grpo-clip")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    first = json.loads(out.read_text())
+    assert set(first["jobs"]) == {"pcpo/0", "grpo-clip/0"}
+    p = run()
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 jobs to run" in p.stdout
+    data = json.loads(out.read_text())
+    assert set(data["jobs"]) == {f"{a}/0" for a in ("pcpo", "grpo-clip", "pcpo@aggressive", "grpo-clip@aggressive")}
+    for k in first["jobs"]:
+        assert data["jobs"][k] == first["jobs"][k]
+    p = run("--lr", "1e-3")
+    assert p.returncode != 0 and "another configuration" in p.stderr
+    assert json.loads(out.read_text()) == data
 
 
 def test_fast_rollout_smoke_windows_train_their_steps_only_and_replay_exactly(tmp_path):
