@@ -31,7 +31,9 @@ noise rules.  Model states (``--states``): ``base`` (LoRA at zero) and ``trained
 
 Each (regime, state, arm, group) gradient is saved under ``--cache`` (a .npy per gradient, temp
 file + os.replace), so a killed run resumes where it stopped; the summary JSON (``--json``) holds
-every group's statistics needed for the report (Gram matrices, bin norms, rewards).
+every group's statistics needed for the report (Gram matrices, bin norms, rewards).  A cell of more
+than 128 groups keeps its Gram matrices in ``<json without .json>.gram.npz`` beside the JSON (the
+upper triangle in float32; the JSON names the file), written before the JSON.
 
     python benchmarks/variance.py --json benchmarks/variance.json --groups 64
     python benchmarks/variance.py --report benchmarks/variance.json
@@ -337,13 +339,37 @@ def run_cell(host, regime, state, args, data, json_path):
                 cell["edges"], cell["candidates"] = edges, cand
         cell["groups"][str(k)] = g_info
         finalize(cell, arms, cache)
-        save_atomic(json_path, data)
+        save(json_path, data)
         el = time.time() - t0
         print(f"{key} group {k + 1}/{args.groups} ({el:.0f} s)", flush=True)
     # the learning-rate-0 optimizer never moved the LoRA: every gradient is of the same model state
     cell["lora_moved"] = max(float((a - b).abs().max()) for a, b in zip(before, lora_values(sess)))
     finalize(cell, arms, cache)
-    save_atomic(json_path, data)
+    save(json_path, data)
+
+
+_GRADIENTS = {}  # (cache, arm) -> (groups, their gradients as rows, Gram matrix): loaded once per process
+
+
+def gram_of(cache: str, arm: str, ks: list) -> np.ndarray:
+    """Gram matrix of ``arm``'s gradients of groups ``ks`` (in that order), from the cached .npy files;
+    the gradients already read stay in memory, so adding a group costs one row, not the whole matrix."""
+    have, M, G = _GRADIENTS.get((cache, arm), ([], np.zeros((0, 0)), np.zeros((0, 0))))
+    if have != ks[:len(have)]:
+        have, M, G = [], np.zeros((0, 0)), np.zeros((0, 0))
+    new = ks[len(have):]
+    if new:
+        N = np.stack([np.load(os.path.join(cache, f"{arm}_{k}.npy")).astype(np.float64) for k in new])
+        M = N if not have else np.concatenate([M, N])
+        cross = N @ M.T  # (new, all)
+        n0 = len(have)
+        G2 = np.zeros((len(ks), len(ks)))
+        G2[:n0, :n0] = G
+        G2[n0:, :] = cross
+        G2[:, n0:] = cross.T
+        have, G = list(ks), G2
+        _GRADIENTS[(cache, arm)] = (have, M, G)
+    return G
 
 
 def finalize(cell, arms, cache):
@@ -353,8 +379,7 @@ def finalize(cell, arms, cache):
         ks_a = [k for k in ks if arm in cell["groups"][str(k)]]
         if not ks_a:
             continue
-        M = np.stack([np.load(os.path.join(cache, f"{arm}_{k}.npy")).astype(np.float64) for k in ks_a])
-        cell["arms"][arm] = {"groups": ks_a, "gram": (M @ M.T).tolist(),
+        cell["arms"][arm] = {"groups": ks_a, "gram": gram_of(cache, arm, ks_a),
                              "bin_norms": [cell["groups"][str(k)][arm]["bins"] for k in ks_a],
                              "rewards": [cell["groups"][str(k)][arm]["rewards"] for k in ks_a],
                              "first_update_log_ratio": max(cell["groups"][str(k)][arm]["first_update_log_ratio"]
@@ -362,6 +387,59 @@ def finalize(cell, arms, cache):
 
 
 # ----------------------------------------------------------------------------- the report
+
+GRAM_IN_JSON = 128  # a cell with more groups keeps its Gram matrices in the .gram.npz beside the JSON
+
+
+def gram_path(json_path: str) -> str:
+    return (json_path[:-5] if json_path.endswith(".json") else json_path) + ".gram.npz"
+
+
+def split_grams(data: dict, json_path: str) -> tuple:
+    """(a JSON-ready copy of ``data``, {"cell|arm": upper triangle in float32} of the cells whose Gram
+    matrices go to the .npz): small Gram matrices stay in the JSON as lists."""
+    out = json.loads(json.dumps(data, default=lambda o: None))  # a copy without the numpy arrays
+    big = {}
+    for key, cell in data["cells"].items():
+        for arm, a in cell["arms"].items():
+            G = np.asarray(a["gram"], dtype=np.float64)
+            entry = out["cells"][key]["arms"][arm]
+            if G.shape[0] > GRAM_IN_JSON:
+                big[f"{key}|{arm}"] = G[np.triu_indices(G.shape[0])].astype(np.float32)
+                entry["gram"], entry["gram_file"] = None, os.path.basename(gram_path(json_path))
+            else:
+                entry["gram"] = G.tolist()
+    return out, big
+
+
+def save(json_path: str, data: dict) -> None:
+    """The summary JSON, and the large Gram matrices in their .npz (written first, through a temp file
+    and os.replace: a JSON on disk never names Gram rows its .npz lacks)."""
+    out, big = split_grams(data, json_path)
+    if big:
+        tmp = gram_path(json_path) + ".tmp.npz"
+        np.savez(tmp, **big)
+        os.replace(tmp, gram_path(json_path))
+    save_atomic(json_path, out)
+
+
+def load(json_path: str) -> dict:
+    """A summary JSON with its Gram matrices (from the .npz beside it where the JSON names one)."""
+    with open(json_path) as f:
+        data = json.load(f)
+    npz = None
+    for key, cell in data["cells"].items():
+        for arm, a in cell["arms"].items():
+            if a.get("gram_file"):
+                if npz is None:
+                    npz = np.load(os.path.join(os.path.dirname(os.path.abspath(json_path)), a["gram_file"]))
+                tri = npz[f"{key}|{arm}"].astype(np.float64)
+                n = len(a["groups"])
+                G = np.zeros((n, n))
+                G[np.triu_indices(n)] = tri
+                a["gram"] = G + np.triu(G, 1).T
+    return data
+
 
 def fmt(x, lo, hi, d=3):
     return f"{x:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
@@ -482,8 +560,7 @@ def main(argv=None) -> int:
     if args.report:  # one or more JSONs (comma-separated: runs of different regimes in parallel processes)
         data = None
         for path in args.report.split(","):
-            with open(path) as f:
-                d = json.load(f)
+            d = load(path)
             if data is None:
                 data = d
             else:
@@ -501,8 +578,7 @@ def main(argv=None) -> int:
                        "train_iterations": args.train_iterations, "cfg": CFG},
             "cells": {}}
     if args.json and os.path.exists(args.json):
-        with open(args.json) as f:
-            data = json.load(f)
+        data = load(args.json)
         data["config"]["groups"] = max(data["config"]["groups"], args.groups)
     t0 = time.time()
     hosts = {}
@@ -516,12 +592,12 @@ def main(argv=None) -> int:
         run_cell(hosts[model], regime, state, args, data, args.json)
     data["wall_s"] = data.get("wall_s", 0.0) + time.time() - t0
     if args.json:
-        save_atomic(args.json, data)
+        save(args.json, data)
     print(f"wall {time.time() - t0:.0f} s")
     res = report(data, args.resamples)
     if args.smoke:
         vals = {f"{k} {a} {m}": v[m] for k, r in res.items() for a, v in r["arms"].items() for m in ("cos", "norm")}
-        return _smoke.finish(args.json, data, vals)
+        return _smoke.finish(args.json, split_grams(data, args.json)[0], vals)
     return 0
 
 

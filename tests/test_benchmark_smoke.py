@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
@@ -242,3 +243,45 @@ def test_fast_rollout_smoke_windows_train_their_steps_only_and_replay_exactly(tm
     for pair in ("w2-euler vs full-half", "awm-euler vs grpo-clip", "nft-dpmpp_2m vs full", "grpo-clip vs full"):
         assert f"| {pair} |" in p.stdout, pair
     assert "| w2-euler vs grpo-clip |" not in p.stdout and "| awm-euler vs full-half |" not in p.stdout
+
+
+def test_variance_gram_of_a_large_cell_goes_beside_the_json_and_reads_back(tmp_path):
+    """More than 128 groups: the Gram matrices go to the .gram.npz (upper triangle, float32) and come
+    back symmetric and equal to float32 precision; the statistics computed from them agree; a small cell
+    stays in the JSON."""
+    spec = importlib.util.spec_from_file_location("variance_bench", BENCH / "variance.py")
+    var = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(var)
+    rng = np.random.default_rng(0)
+    M = rng.normal(size=(var.GRAM_IN_JSON + 3, 40)) + 0.3
+    big, small = M @ M.T, M[:5] @ M[:5].T
+    data = {"config": {}, "cells": {"flow-flowgrpo/base": {"arms": {"pcpo": {"groups": list(range(len(M))), "gram": big}}},
+                                    "d10/base": {"arms": {"pcpo": {"groups": list(range(5)), "gram": small}}}}}
+    path = str(tmp_path / "variance.json")
+    var.save(path, data)
+    on_disk = json.loads(pathlib.Path(path).read_text())
+    assert on_disk["cells"]["flow-flowgrpo/base"]["arms"]["pcpo"]["gram"] is None
+    assert on_disk["cells"]["flow-flowgrpo/base"]["arms"]["pcpo"]["gram_file"] == "variance.gram.npz"
+    assert on_disk["cells"]["d10/base"]["arms"]["pcpo"]["gram"] == small.tolist()
+    back = var.load(path)
+    G = back["cells"]["flow-flowgrpo/base"]["arms"]["pcpo"]["gram"]
+    assert np.array_equal(G, G.T)
+    np.testing.assert_allclose(G, big, rtol=1e-6)
+    np.testing.assert_allclose(var.gram_stats(G), var.gram_stats(big), rtol=1e-4)
+
+
+def test_variance_gram_grows_one_row_at_a_time_and_matches_the_full_product(tmp_path):
+    spec = importlib.util.spec_from_file_location("variance_bench", BENCH / "variance.py")
+    var = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(var)
+    rng = np.random.default_rng(1)
+    M = rng.normal(size=(7, 30)).astype(np.float32)
+    for k, g in enumerate(M):
+        np.save(tmp_path / f"pcpo_{k}.npy", g)
+    for n in (3, 4, 7):  # the cell grows: earlier rows are kept, new ones read
+        G = var.gram_of(str(tmp_path), "pcpo", list(range(n)))
+        M64 = M[:n].astype(np.float64)
+        np.testing.assert_allclose(G, M64 @ M64.T, rtol=1e-12)
+    # another set of groups (not an extension of the one held) is read afresh
+    G = var.gram_of(str(tmp_path), "pcpo", [2, 5])
+    np.testing.assert_allclose(G, M[[2, 5]].astype(np.float64) @ M[[2, 5]].astype(np.float64).T, rtol=1e-12)
