@@ -255,9 +255,12 @@ def analyse(data) -> dict:
         res = {}
         for m in ("final reward", "final fd", "final diversity", "min diversity", "max fd"):
             res[m] = paired_difference(out["arms"][p]["_raw"][m], out["arms"][b]["_raw"][m])
-        # iterations to a target: the reward both arms' base reaches + half of the smaller mean gain
+        # iterations to a target: the base reward + half of the smaller mean gain (both arms reach it); when
+        # one arm gains nothing on average, half of the other's gain (a run that never reaches it counts as
+        # the budget + one evaluation interval: a lower bound on its iterations)
         base = statistics.fmean(runs[p][s]["evals"][0]["reward"] for s in seeds)
-        gain = min(statistics.fmean(runs[a][s]["evals"][-1]["reward"] for s in seeds) for a in (p, b)) - base
+        gains = sorted(statistics.fmean(runs[a][s]["evals"][-1]["reward"] for s in seeds) - base for a in (p, b))
+        gain = gains[0] if gains[0] > 0 else gains[1]
         target = base + 0.5 * gain if gain > 0 else None
         budget = data["config"]["iterations"]
         if target is not None:
