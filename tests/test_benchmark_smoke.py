@@ -285,3 +285,34 @@ def test_variance_gram_grows_one_row_at_a_time_and_matches_the_full_product(tmp_
     # another set of groups (not an extension of the one held) is read afresh
     G = var.gram_of(str(tmp_path), "pcpo", [2, 5])
     np.testing.assert_allclose(G, M[[2, 5]].astype(np.float64) @ M[[2, 5]].astype(np.float64).T, rtol=1e-12)
+
+
+def test_collapse_iterations_to_target_when_the_baseline_gains_nothing():
+    """The target is half the smaller gain when both arms gain, half the other arm's gain when one gains
+    nothing on average; a run that never reaches it counts as the budget + one evaluation interval."""
+    spec = importlib.util.spec_from_file_location("collapse_bench", BENCH / "collapse.py")
+    col = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    spec.loader.exec_module(col)
+
+    def job(arm, seed, rewards):
+        evals = [{"iteration": 5 * i, "reward": r, "fd": 1.0, "diversity": 0.5, "wall_s": 10.0 * i}
+                 for i, r in enumerate(rewards)]
+        return {"arm": arm, "seed": seed, "evals": evals, "train_s": 10.0 * (len(rewards) - 1)}
+
+    def pairs(pcpo, base_arm):
+        jobs = {}
+        for s in range(3):
+            jobs[f"pcpo/{s}"] = job("pcpo", s, pcpo)
+            jobs[f"grpo-clip/{s}"] = job("grpo-clip", s, base_arm)
+        return col.analyse({"config": {"iterations": 10, "eval_every": 5}, "jobs": jobs})
+
+    # PCPO gains 0.2, the baseline loses: target 0.5 + 0.1; PCPO reaches it at 5, the baseline never (15)
+    res = pairs([0.5, 0.6, 0.7], [0.5, 0.45, 0.4])
+    assert res["targets"]["pcpo"] == pytest.approx(0.6)
+    mean, lo, hi, n = res["pairs"]["pcpo - grpo-clip"]["iterations to 0.600"]
+    assert (mean, n) == (5 - 15, 3)
+    # both gain: half the smaller gain (0.1 -> target 0.55), reached at 5 and at 10
+    res = pairs([0.5, 0.6, 0.7], [0.5, 0.52, 0.6])
+    assert res["targets"]["pcpo"] == pytest.approx(0.55)
+    assert res["pairs"]["pcpo - grpo-clip"]["iterations to 0.550"][0] == 5 - 10
