@@ -347,7 +347,8 @@ def plot(data, res, path):
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
     cfg = data["config"]
-    fig.suptitle(f"PCPO vs grpo-clip, demo {cfg['model']} model ({cfg['steps']} steps); bands: 10-90% of seeds",
+    name = "demo flow model" if cfg["model"] == "flow" else "demo diffusion model"
+    fig.suptitle(f"PCPO vs grpo-clip, {name} ({cfg['steps']} steps, {cfg['scheduler']}); bands: 10-90% of seeds",
                  fontsize=10)
     fig.tight_layout()
     tmp = path + ".tmp.png"
