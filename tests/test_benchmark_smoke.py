@@ -26,6 +26,14 @@ def smoke(script, tmp_path, *args, timeout=300):
     return json.loads(out.read_text()), p
 
 
+def bench_module(script: str):
+    """``benchmarks/<script>`` imported as a module (its statistics and report code need no ComfyUI)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{pathlib.Path(script).stem}", BENCH / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def finite(*values):
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
@@ -123,9 +131,7 @@ def test_smoke_refuses_to_write_into_benchmarks(script, args):
 
 
 def test_non_finite_result_is_a_failure(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_smoke", BENCH / "_smoke.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("_smoke.py")
     assert mod.non_finite({"a": 1.0, "b": [0.5, float("nan")], "c": None, "d": [2, 3]}) == ["b=nan", "c=None"]
     out = tmp_path / "r.json"
     assert mod.finish(str(out), {"x": 1}, {"ok": 1.0, "loss": float("inf")}) == 1
@@ -249,9 +255,7 @@ def test_variance_gram_of_a_large_cell_goes_beside_the_json_and_reads_back(tmp_p
     """More than 128 groups: the Gram matrices go to the .gram.npz (upper triangle, float32) and come
     back symmetric and equal to float32 precision; the statistics computed from them agree; a small cell
     stays in the JSON."""
-    spec = importlib.util.spec_from_file_location("variance_bench", BENCH / "variance.py")
-    var = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(var)
+    var = bench_module("variance.py")
     rng = np.random.default_rng(0)
     M = rng.normal(size=(var.GRAM_IN_JSON + 3, 40)) + 0.3
     big, small = M @ M.T, M[:5] @ M[:5].T
@@ -271,9 +275,7 @@ def test_variance_gram_of_a_large_cell_goes_beside_the_json_and_reads_back(tmp_p
 
 
 def test_variance_gram_grows_one_row_at_a_time_and_matches_the_full_product(tmp_path):
-    spec = importlib.util.spec_from_file_location("variance_bench", BENCH / "variance.py")
-    var = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(var)
+    var = bench_module("variance.py")
     rng = np.random.default_rng(1)
     M = rng.normal(size=(7, 30)).astype(np.float32)
     for k, g in enumerate(M):
@@ -290,10 +292,7 @@ def test_variance_gram_grows_one_row_at_a_time_and_matches_the_full_product(tmp_
 def test_collapse_iterations_to_target_when_the_baseline_gains_nothing():
     """The target is half the smaller gain when both arms gain, half the other arm's gain when one gains
     nothing on average; a run that never reaches it counts as the budget + one evaluation interval."""
-    spec = importlib.util.spec_from_file_location("collapse_bench", BENCH / "collapse.py")
-    col = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    spec.loader.exec_module(col)
+    col = bench_module("collapse.py")
 
     def job(arm, seed, rewards):
         evals = [{"iteration": 5 * i, "reward": r, "fd": 1.0, "diversity": 0.5, "wall_s": 10.0 * i}
